@@ -1,0 +1,1 @@
+"""instructjax: InstructGPT and Codex fine-tuning recipes in JAX."""

@@ -1,0 +1,145 @@
+"""The generic training loop: data -> jitted step -> metrics -> eval -> checkpoints.
+
+Resumes from the workdir's latest checkpoint (state, data-iterator position; the RNG is
+`fold_in(seed_key, step)` inside the step, so a resumed run is bit-identical to an
+uninterrupted one). SIGTERM (or, across hosts, JAX's preemption notice) saves and exits at
+the next step boundary. A non-finite loss stops the run before anything is saved, so the
+last good checkpoint stays intact.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+from absl import logging
+from jax.sharding import Mesh
+
+from instructjax import parallel
+from instructjax.config import TrainConfig
+from instructjax.losses import reduce_metrics
+from instructjax.train.checkpoint import Checkpointer
+from instructjax.train.metrics import MetricsWriter, peak_flops_per_device
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class _StopRequest:
+    """Turns SIGTERM into a flag checked at step boundaries (single-process runs).
+
+    Multi-process runs use JAX's preemption sync point instead, which makes every
+    process stop at the same step.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if jax.process_count() == 1:
+            try:
+                self._previous = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                self._previous = None
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint at the end of this step")
+        self.requested = True
+
+    def check(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            try:
+                self.requested |= multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:  # no preemption service in this runtime
+                pass
+        return self.requested
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def resume_or_init(checkpointer: Checkpointer, abstract_state: Any, init: Callable[[], Any],
+                   data_iter) -> Any:
+    """Latest checkpoint (and data position) if there is one, else a fresh state."""
+    restored = checkpointer.restore(abstract_state)
+    if restored is None:
+        return init()
+    state, meta = restored
+    data_iter.set_state(meta["data_iter"])
+    logging.info("resumed from %s at step %d", checkpointer.directory, int(state.step))
+    return state
+
+
+def train_loop(state, *, cfg: TrainConfig, train_step: Callable, base_rng: jax.Array,
+               data_iter: Iterator, mesh: Mesh, checkpointer: Checkpointer,
+               writer: MetricsWriter, evaluate: Callable[[Any], dict[str, float]] | None = None,
+               flops_per_token: float = 0.0) -> Any:
+    step = int(state.step)
+    stop = _StopRequest()
+    peak = peak_flops_per_device(cfg.peak_flops_per_device) * jax.device_count()
+    window_sums: dict[str, list[float]] = {}
+    window_start, window_steps = time.time(), 0
+    try:
+        while step < cfg.steps:
+            try:
+                local = next(data_iter)
+            except StopIteration:
+                raise RuntimeError(f"the training data ran out at step {step}; use more data "
+                                   "or fewer --steps (the pipeline repeats unless num_epochs is set)")
+            state, metrics = train_step(state, parallel.global_batch(local, mesh), base_rng)
+            step += 1
+            # Fetching scalars each step syncs the host; it bounds in-flight steps (CPU
+            # collectives deadlock otherwise) and checks finiteness before any save.
+            metrics = jax.device_get(metrics)
+            loss = reduce_metrics({"loss": metrics["loss"]})["loss"]
+            if not math.isfinite(loss):
+                last = checkpointer.latest_step()
+                raise NonFiniteLossError(
+                    f"step {step}: training loss is {loss}. Stopped without saving; the last good "
+                    f"checkpoint (step {last}) in {checkpointer.directory} is intact. Try a lower "
+                    "--learning_rate, more --warmup_steps or --grad_clip_norm.")
+            for name, (total, weight) in metrics.items():
+                acc = window_sums.setdefault(name, [0.0, 0.0])
+                acc[0] += float(total)
+                acc[1] += float(weight)
+            window_steps += 1
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                elapsed = max(time.time() - window_start, 1e-9)
+                out = {f"train/{k}": s / w if w else float("nan") for k, (s, w) in window_sums.items()}
+                tokens = window_sums.get("tokens", [0.0])[0]
+                out["train/tokens_per_sec"] = tokens / elapsed
+                out["train/steps_per_sec"] = window_steps / elapsed
+                if flops_per_token:
+                    achieved = flops_per_token * cfg.batch_size * cfg.seq_len * window_steps / elapsed
+                    out["train/tflops_per_sec"] = achieved / 1e12
+                    if peak:
+                        out["train/mfu"] = achieved / peak
+                out.pop("train/tokens", None)
+                writer.write(step, out)
+                writer.progress(step, out)
+                window_sums, window_start, window_steps = {}, time.time(), 0
+
+            if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                eval_metrics = evaluate(state.params)
+                writer.write(step, eval_metrics)
+                writer.progress(step, eval_metrics)
+                window_start = time.time()  # do not count eval time as training time
+
+            stopping = stop.check(step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
+                checkpointer.save(step, state, {"data_iter": data_iter.get_state()})
+                window_start = time.time()
+            if stopping:
+                logging.warning("stopped at step %d after a termination request; "
+                                "rerun the same command to resume", step)
+                break
+    finally:
+        stop.restore()
+    return state

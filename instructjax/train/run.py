@@ -1,0 +1,201 @@
+"""Language-model training runs: pretraining on a text corpus and SFT on demonstrations.
+
+Both are the same loop over the same `lm` objective; they differ only in the data (packed
+documents vs prompt-masked demonstrations) and in where the parameters start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+from importlib import metadata
+from pathlib import Path
+import jax
+from absl import logging
+
+from instructjax import parallel
+from instructjax.config import RunConfig
+from instructjax.data import builders, pipeline
+from instructjax.data.jsonl import read_jsonl
+from instructjax.data.tokenizer import Tokenizer, train_tokenizer
+from instructjax.losses import LMLossConfig, Objective, lm_loss, make_apply, reduce_metrics
+from instructjax.model.config import ModelConfig
+from instructjax.model.transformer import Transformer
+from instructjax.train import checkpoint as ckpt_lib
+from instructjax.train import loop, state as state_lib, step as step_lib
+from instructjax.train.metrics import MetricsWriter
+
+LIBRARIES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets",
+             "grain", "sentencepiece", "absl-py", "numpy")
+TOKENIZER_FILE = "tokenizer.model"
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def write_run_record(cfg: RunConfig, argv: list[str]) -> None:
+    """The resolved config, argv and library versions, for reproducibility."""
+    workdir = Path(cfg.workdir)
+    ckpt_lib.write_json_atomic(workdir / "run_config.json", {
+        "config": dataclasses.asdict(cfg), "argv": list(argv), "versions": library_versions(),
+        "devices": [str(d) for d in jax.devices()[:8]], "device_count": jax.device_count(),
+        "process_count": jax.process_count()})
+    ckpt_lib.write_json_atomic(workdir / MODEL_CONFIG_FILE, dataclasses.asdict(cfg.model))
+
+
+def world_files(cfg: RunConfig) -> dict[str, Path]:
+    """The embedded world's JSONL files, generated once (deterministically) into data_dir."""
+    from instructjax.data import world
+    data = cfg.data
+    return world.write_world(data.data_dir, seed=data.world_seed,
+                             n_pretrain_docs=data.world_pretrain_docs,
+                             n_sft_train=data.world_sft_train, n_sft_eval=data.world_eval,
+                             n_prompts=data.world_prompts)
+
+
+def dataset_files(cfg: RunConfig) -> dict[str, str]:
+    """{'train': path, 'eval': path} for this task, from flags or the embedded world."""
+    if cfg.data.train_files:
+        if len(cfg.data.train_files) > 1 or len(cfg.data.eval_files) > 1:
+            raise ValueError("--train_files/--eval_files: give one JSONL file each")
+        return {"train": cfg.data.train_files[0], "eval": cfg.data.eval_files[0]}
+    files = world_files(cfg)
+    prefix = "pretrain" if cfg.task == "pretrain" else "sft"
+    return {"train": str(files[f"{prefix}_train"]), "eval": str(files[f"{prefix}_eval"])}
+
+
+def resolve_tokenizer(cfg: RunConfig, files: dict[str, str]) -> Tokenizer:
+    """--tokenizer_path, else init_from's tokenizer, else this workdir's, else train one."""
+    own = Path(cfg.workdir) / TOKENIZER_FILE
+    for candidate in (cfg.data.tokenizer_path,
+                      cfg.init_from and str(Path(cfg.init_from) / TOKENIZER_FILE)):
+        if candidate:
+            if not Path(candidate).exists():
+                raise FileNotFoundError(f"tokenizer {candidate} does not exist (from "
+                                        "--tokenizer_path or --init_from)")
+            if jax.process_index() == 0 and Path(candidate).absolute() != own.absolute():
+                own.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(candidate, own)
+            return Tokenizer.load(candidate)
+    if not own.exists():
+        if jax.process_count() > 1:
+            raise ValueError("multi-process runs need a tokenizer made beforehand: pass "
+                             "--tokenizer_path or --init_from")
+        texts = (record["text"] for _, record in read_jsonl(files["train"], required={"text": str}))
+        logging.info("training a %d-token sentencepiece model on %s", cfg.data.vocab_size,
+                     files["train"])
+        return train_tokenizer(texts, own, vocab_size=cfg.data.vocab_size,
+                               whitespace_runs=cfg.data.whitespace_runs)
+    return Tokenizer.load(own)
+
+
+def load_model_config(workdir: str | Path) -> ModelConfig:
+    path = Path(workdir) / MODEL_CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {workdir} the workdir of a finished run?")
+    return ModelConfig(**json.loads(path.read_text()))
+
+
+def load_trained(workdir: str | Path, mesh, *, head: str = "lm"):
+    """(model, params, tokenizer) of a finished run, params sharded onto `mesh`."""
+    model = Transformer(load_model_config(workdir), head=head)
+    params = ckpt_lib.restore_params(workdir, state_lib.abstract_params(model, mesh)[0])
+    return model, params, Tokenizer.load(Path(workdir) / TOKENIZER_FILE)
+
+
+def _datasets(cfg: RunConfig, tokenizer: Tokenizer, files: dict[str, str]):
+    kind = "text" if cfg.task == "pretrain" else "sft"
+    sources = builders.jsonl_data_source(files, kind=kind,
+                                         data_dir=Path(cfg.data.data_dir) / "tfds")
+    per_host = cfg.train.batch_size // jax.process_count()
+    common = dict(seq_len=cfg.train.seq_len, shard_index=jax.process_index(),
+                  shard_count=jax.process_count())
+    make = pipeline.lm_dataset if cfg.task == "pretrain" else pipeline.sft_dataset
+    train_ds = make(sources["train"], tokenizer, batch_size=per_host, seed=cfg.train.seed,
+                    **common)
+    eval_batches = list(pipeline.eval_batches(sources["eval"], tokenizer,
+                                              kind="lm" if cfg.task == "pretrain" else "sft",
+                                              batch_size=per_host, **common))
+    if cfg.train.eval_batches:
+        eval_batches = eval_batches[:cfg.train.eval_batches]
+    return iter(train_ds), eval_batches
+
+
+def train_lm(cfg: RunConfig, argv: list[str] = ()) -> dict[str, float]:
+    """Runs (or resumes) pretraining or SFT; returns the final eval metrics."""
+    if cfg.train.batch_size % jax.process_count():
+        raise ValueError(f"--batch_size ({cfg.train.batch_size}) must divide evenly over "
+                         f"{jax.process_count()} processes")
+    mesh = parallel.make_mesh(cfg.mesh)
+    dp = parallel.data_parallel_size(mesh)
+    if (cfg.train.batch_size // cfg.train.grad_accum_steps) % dp:
+        raise ValueError(f"the micro-batch ({cfg.train.batch_size} / {cfg.train.grad_accum_steps}"
+                         f" accumulation steps) must be divisible by the data-parallel size {dp} "
+                         f"of --mesh={cfg.mesh}")
+    files = dataset_files(cfg)
+    tokenizer = resolve_tokenizer(cfg, files)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                         f"vocab_size is {cfg.model.vocab_size}; raise --vocab_size")
+    write_run_record(cfg, list(argv))
+
+    model = Transformer(cfg.model)
+    apply = make_apply(model)
+    objective = Objective(lm_loss, LMLossConfig())
+    schedule = state_lib.make_schedule(cfg.optim, cfg.train.steps)
+    tx = state_lib.make_optimizer(cfg.optim, cfg.train.steps)
+    abstract, shardings = state_lib.abstract_state(model, tx, mesh, cfg.train.seq_len)
+    train_iter, eval_batches = _datasets(cfg, tokenizer, files)
+    checkpointer = ckpt_lib.Checkpointer(Path(cfg.workdir) / "checkpoints",
+                                         keep=cfg.train.keep_checkpoints)
+    seed_key = jax.random.key(cfg.train.seed)
+
+    def fresh_state():
+        state, _ = state_lib.init_state(model, tx, mesh, cfg.train.seq_len,
+                                        jax.random.fold_in(seed_key, 1))
+        if cfg.init_from:
+            params = ckpt_lib.restore_params(cfg.init_from, abstract.params)
+            state = state.replace(params=params)
+            logging.info("initialised params from %s", cfg.init_from)
+        return state
+
+    state = loop.resume_or_init(checkpointer, abstract, fresh_state, train_iter)
+    train_step = step_lib.make_train_step(objective, apply=apply, tx=tx, schedule=schedule,
+                                          mesh=mesh, state_shardings=shardings,
+                                          grad_accum_steps=cfg.train.grad_accum_steps)
+    eval_step = step_lib.make_eval_step(objective, apply=apply, mesh=mesh,
+                                        params_shardings=shardings.params)
+
+    def evaluate(params) -> dict[str, float]:
+        totals: dict[str, list[float]] = {}
+        for batch in eval_batches:
+            metrics = jax.device_get(eval_step(params, parallel.global_batch(batch, mesh)))
+            for name, (total, weight) in metrics.items():
+                acc = totals.setdefault(name, [0.0, 0.0])
+                acc[0] += float(total)
+                acc[1] += float(weight)
+        return {f"eval/{k}": v for k, v in reduce_metrics(totals).items() if k != "tokens"}
+
+    writer = MetricsWriter(cfg.workdir, total_steps=cfg.train.steps)
+    try:
+        state = loop.train_loop(
+            state, cfg=cfg.train, train_step=train_step, base_rng=jax.random.fold_in(seed_key, 2),
+            data_iter=train_iter, mesh=mesh, checkpointer=checkpointer, writer=writer,
+            evaluate=evaluate, flops_per_token=cfg.model.flops_per_token(cfg.train.seq_len))
+        final = evaluate(state.params)
+    finally:
+        writer.close()
+        checkpointer.close()
+    ckpt_lib.write_json_atomic(Path(cfg.workdir) / "final_eval.json",
+                               {"step": int(state.step), **final})
+    return final
