@@ -145,11 +145,16 @@ def main_for(task: str):
     def main(argv):
         if len(argv) > 1:
             raise flags.ValidationError(f"unexpected arguments: {argv[1:]}")
-        setup_devices()
-        from instructjax.train.run import train_lm
+        from instructjax.config import ConfigError
+        from instructjax.data.jsonl import DataError
         try:
-            cfg = run_config_from_flags(task)
+            cfg = run_config_from_flags(task)  # any ValueError here is a bad flag
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
-        train_lm(cfg, argv=list(sys.argv))
+        try:
+            setup_devices()
+            from instructjax.train.run import train_lm
+            train_lm(cfg, argv=list(sys.argv))
+        except (ConfigError, DataError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {e}") from None
     return main

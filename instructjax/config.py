@@ -15,9 +15,13 @@ from instructjax.model.config import ModelConfig
 SCHEDULES = ("cosine", "linear", "constant")
 
 
+class ConfigError(ValueError):
+    """A bad flag or setting; the message names it and says what is allowed."""
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

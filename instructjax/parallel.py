@@ -21,6 +21,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from instructjax.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -51,27 +53,27 @@ def parse_mesh_spec(spec: str, num_devices: int) -> dict[str, int]:
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, sep, value = part.partition(":")
         if not sep or name not in MESH_AXES:
-            raise ValueError(
+            raise ConfigError(
                 f"--mesh: bad entry {part!r} in {spec!r}; expected axis:size with axis one of "
                 f"{MESH_AXES}, e.g. --mesh=data:1,fsdp:-1,tensor:1")
         try:
             sizes[name] = int(value)
         except ValueError:
-            raise ValueError(f"--mesh: size of {name!r} must be an integer, got {value!r}") from None
+            raise ConfigError(f"--mesh: size of {name!r} must be an integer, got {value!r}") from None
     for name in MESH_AXES:
         sizes.setdefault(name, 1)
     free = [n for n, s in sizes.items() if s == -1]
     if len(free) > 1:
-        raise ValueError(f"--mesh: at most one axis may be -1, got {spec!r}")
+        raise ConfigError(f"--mesh: at most one axis may be -1, got {spec!r}")
     fixed = math.prod(s for s in sizes.values() if s != -1)
     if any(s == 0 or s < -1 for s in sizes.values()):
-        raise ValueError(f"--mesh: sizes must be positive or -1, got {spec!r}")
+        raise ConfigError(f"--mesh: sizes must be positive or -1, got {spec!r}")
     if free:
         if num_devices % fixed:
-            raise ValueError(f"--mesh={spec}: {num_devices} devices are not divisible by {fixed}")
+            raise ConfigError(f"--mesh={spec}: {num_devices} devices are not divisible by {fixed}")
         sizes[free[0]] = num_devices // fixed
     if math.prod(sizes.values()) != num_devices:
-        raise ValueError(
+        raise ConfigError(
             f"--mesh={spec} uses {math.prod(sizes.values())} devices but {num_devices} are "
             "available; use -1 for one axis to take the rest")
     return {n: sizes[n] for n in MESH_AXES}
@@ -149,7 +151,7 @@ def initialize_distributed(*, coordinator_address: str | None, num_processes: in
         jax.distributed.initialize()
     elif (num_processes or 1) > 1:
         if coordinator_address is None or process_id is None:
-            raise ValueError("--num_processes > 1 needs --coordinator_address and --process_id "
+            raise ConfigError("--num_processes > 1 needs --coordinator_address and --process_id "
                              "(or use --jax_distributed_auto on a TPU pod / SLURM cluster)")
         jax.distributed.initialize(coordinator_address=coordinator_address,
                                    num_processes=num_processes, process_id=process_id)

@@ -16,7 +16,7 @@ import jax
 from absl import logging
 
 from instructjax import parallel
-from instructjax.config import RunConfig
+from instructjax.config import ConfigError, RunConfig
 from instructjax.data import builders, pipeline
 from instructjax.data.jsonl import read_jsonl
 from instructjax.data.tokenizer import Tokenizer, train_tokenizer
@@ -67,7 +67,7 @@ def dataset_files(cfg: RunConfig) -> dict[str, str]:
     """{'train': path, 'eval': path} for this task, from flags or the embedded world."""
     if cfg.data.train_files:
         if len(cfg.data.train_files) > 1 or len(cfg.data.eval_files) > 1:
-            raise ValueError("--train_files/--eval_files: give one JSONL file each")
+            raise ConfigError("--train_files/--eval_files: give one JSONL file each")
         return {"train": cfg.data.train_files[0], "eval": cfg.data.eval_files[0]}
     files = world_files(cfg)
     prefix = "pretrain" if cfg.task == "pretrain" else "sft"
@@ -89,7 +89,7 @@ def resolve_tokenizer(cfg: RunConfig, files: dict[str, str]) -> Tokenizer:
             return Tokenizer.load(candidate)
     if not own.exists():
         if jax.process_count() > 1:
-            raise ValueError("multi-process runs need a tokenizer made beforehand: pass "
+            raise ConfigError("multi-process runs need a tokenizer made beforehand: pass "
                              "--tokenizer_path or --init_from")
         texts = (record["text"] for _, record in read_jsonl(files["train"], required={"text": str}))
         logging.info("training a %d-token sentencepiece model on %s", cfg.data.vocab_size,
@@ -134,18 +134,18 @@ def _datasets(cfg: RunConfig, tokenizer: Tokenizer, files: dict[str, str]):
 def train_lm(cfg: RunConfig, argv: list[str] = ()) -> dict[str, float]:
     """Runs (or resumes) pretraining or SFT; returns the final eval metrics."""
     if cfg.train.batch_size % jax.process_count():
-        raise ValueError(f"--batch_size ({cfg.train.batch_size}) must divide evenly over "
+        raise ConfigError(f"--batch_size ({cfg.train.batch_size}) must divide evenly over "
                          f"{jax.process_count()} processes")
     mesh = parallel.make_mesh(cfg.mesh)
     dp = parallel.data_parallel_size(mesh)
     if (cfg.train.batch_size // cfg.train.grad_accum_steps) % dp:
-        raise ValueError(f"the micro-batch ({cfg.train.batch_size} / {cfg.train.grad_accum_steps}"
+        raise ConfigError(f"the micro-batch ({cfg.train.batch_size} / {cfg.train.grad_accum_steps}"
                          f" accumulation steps) must be divisible by the data-parallel size {dp} "
                          f"of --mesh={cfg.mesh}")
     files = dataset_files(cfg)
     tokenizer = resolve_tokenizer(cfg, files)
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                          f"vocab_size is {cfg.model.vocab_size}; raise --vocab_size")
     write_run_record(cfg, list(argv))
 
