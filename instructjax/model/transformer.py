@@ -1,0 +1,237 @@
+"""Decoder-only transformer (GPT-2 and Llama families) with a pure, explicit KV cache.
+
+Shape legend:
+  B batch   T query length   S key length (= T, or the cache length when decoding)
+  D d_model H query heads    K key/value heads   G = H // K query heads per KV head
+  F head_dim M d_ff (MLP width)  V vocabulary
+
+Attention rule (one rule covers packing, right padding and left-padded generation):
+a query may attend a key iff key_slot <= query_slot, seg_q == seg_k and seg_k != 0, where
+segment id 0 marks padding. With a cache, this call's keys are written at slots
+[cache_index, cache_index + T) and queries attend over all S cache slots.
+
+Parameters are float32 with logical axis names; activations run in cfg.compute_dtype;
+norms, softmax, logits and scalar outputs are float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from instructjax.model.config import ModelConfig
+
+MASK_VALUE = -1e9  # finite, so fully masked rows (pad queries) give no NaN
+Cache = dict[str, Any]
+
+
+def _init(initializer, names):
+    return nn.with_logical_partitioning(initializer, names)
+
+
+def _constrain(x, names):
+    return nn.with_logical_constraint(x, names)
+
+
+def dtype_of(cfg: ModelConfig):
+    return jnp.dtype(cfg.compute_dtype)
+
+
+class Norm(nn.Module):
+    """LayerNorm (gpt2, with bias) or RMSNorm (llama), computed in float32."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        scale = self.param("scale", _init(nn.initializers.ones, ("norm",)), (x.shape[-1],))
+        if self.cfg.family == "gpt2":
+            bias = self.param("bias", _init(nn.initializers.zeros, ("norm",)), (x.shape[-1],))
+            mean = x32.mean(-1, keepdims=True)
+            var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+            y = (x32 - mean) * jax.lax.rsqrt(var + self.cfg.norm_eps) * scale + bias
+        else:
+            ms = jnp.square(x32).mean(-1, keepdims=True)
+            y = x32 * jax.lax.rsqrt(ms + self.cfg.norm_eps) * scale
+        return y.astype(x.dtype)
+
+
+def rope(x_BxTxNxF, positions_BxT, theta: float):
+    """Rotary embedding, rotate-half convention (as in Hugging Face Llama), in float32."""
+    f = x_BxTxNxF.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, f, 2, dtype=jnp.float32) / f))
+    angles_BxTxF2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles_BxTxF2, angles_BxTxF2], axis=-1)[:, :, None, :]
+    x = x_BxTxNxF.astype(jnp.float32)
+    half = f // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x_BxTxNxF.dtype)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, layer_cache, cache_index):
+        cfg, dtype = self.cfg, dtype_of(self.cfg)
+        H, K, F = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
+        bias = cfg.family == "gpt2"
+        std = 0.02
+
+        def proj(name, heads, head_names):
+            return nn.DenseGeneral(
+                (heads, F), axis=-1, use_bias=bias, dtype=dtype, name=name,
+                kernel_init=_init(nn.initializers.normal(std), ("embed", head_names, "head_dim")),
+                bias_init=_init(nn.initializers.zeros, (head_names, "head_dim")))(x_BxTxD)
+
+        q_BxTxHxF = _constrain(proj("query", H, "heads"), ("batch", "length", "act_heads", "head_dim"))
+        k_BxTxKxF = _constrain(proj("key", K, "kv_heads"), ("batch", "length", "act_kv_heads", "head_dim"))
+        v_BxTxKxF = _constrain(proj("value", K, "kv_heads"), ("batch", "length", "act_kv_heads", "head_dim"))
+        if cfg.family == "llama":
+            q_BxTxHxF = rope(q_BxTxHxF, positions_BxT, cfg.rope_theta)
+            k_BxTxKxF = rope(k_BxTxKxF, positions_BxT, cfg.rope_theta)
+
+        new_cache = None
+        if layer_cache is not None:
+            start = (0, cache_index, 0, 0)
+            k_BxSxKxF = jax.lax.dynamic_update_slice(
+                layer_cache["k"], k_BxTxKxF.astype(layer_cache["k"].dtype), start)
+            v_BxSxKxF = jax.lax.dynamic_update_slice(
+                layer_cache["v"], v_BxTxKxF.astype(layer_cache["v"].dtype), start)
+            new_cache = {"k": k_BxSxKxF, "v": v_BxSxKxF}
+            k_BxTxKxF, v_BxTxKxF = k_BxSxKxF.astype(dtype), v_BxSxKxF.astype(dtype)
+
+        B, T = q_BxTxHxF.shape[:2]
+        q_BxTxKxGxF = q_BxTxHxF.reshape(B, T, K, H // K, F)
+        scores = jnp.einsum("btkgf,bskf->bkgts", q_BxTxKxGxF, k_BxTxKxF,
+                            preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(F))
+        scores = jnp.where(mask_BxTxS[:, None, None], scores, MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        out_BxTxKxGxF = jnp.einsum("bkgts,bskf->btkgf", probs, v_BxTxKxF)
+        out_BxTxHxF = _constrain(out_BxTxKxGxF.reshape(B, T, H, F),
+                                 ("batch", "length", "act_heads", "head_dim"))
+        out_BxTxD = nn.DenseGeneral(
+            cfg.d_model, axis=(-2, -1), use_bias=bias, dtype=dtype, name="out",
+            kernel_init=_init(nn.initializers.normal(std / (2 * cfg.n_layers) ** 0.5),
+                              ("heads", "head_dim", "embed")),
+            bias_init=_init(nn.initializers.zeros, ("embed",)))(out_BxTxHxF)
+        return out_BxTxD, new_cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD):
+        cfg, dtype = self.cfg, dtype_of(self.cfg)
+        bias = cfg.family == "gpt2"
+        std, out_std = 0.02, 0.02 / (2 * cfg.n_layers) ** 0.5
+
+        def dense(name, features, names, init_std):
+            return nn.Dense(features, use_bias=bias, dtype=dtype, name=name,
+                            kernel_init=_init(nn.initializers.normal(init_std), names),
+                            bias_init=_init(nn.initializers.zeros, names[1:]))
+
+        if cfg.family == "gpt2":
+            h_BxTxM = nn.gelu(dense("fc_in", cfg.d_ff, ("embed", "mlp"), std)(x_BxTxD), approximate=True)
+        else:
+            gate = dense("gate", cfg.d_ff, ("embed", "mlp"), std)(x_BxTxD)
+            h_BxTxM = nn.silu(gate) * dense("up", cfg.d_ff, ("embed", "mlp"), std)(x_BxTxD)
+        h_BxTxM = _constrain(h_BxTxM, ("batch", "length", "act_mlp"))
+        return dense("fc_out" if bias else "down", cfg.d_model, ("mlp", "embed"), out_std)(h_BxTxM)
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, layer_cache, cache_index):
+        drop = nn.Dropout(self.cfg.dropout_rate, deterministic=self.deterministic)
+        a, new_cache = Attention(self.cfg, name="attn")(
+            Norm(self.cfg, name="attn_norm")(x_BxTxD), positions_BxT, mask_BxTxS, layer_cache,
+            cache_index)
+        x_BxTxD = x_BxTxD + drop(a)
+        x_BxTxD = x_BxTxD + drop(MLP(self.cfg, name="mlp")(Norm(self.cfg, name="mlp_norm")(x_BxTxD)))
+        return _constrain(x_BxTxD, ("batch", "length", "act_embed")), new_cache
+
+
+def attention_mask(segment_q_BxT, segment_k_BxS, q_slot_T, k_slot_S):
+    causal_TxS = k_slot_S[None, :] <= q_slot_T[:, None]
+    same_BxTxS = segment_q_BxT[:, :, None] == segment_k_BxS[:, None, :]
+    return causal_TxS[None] & same_BxTxS & (segment_k_BxS[:, None, :] != 0)
+
+
+class Transformer(nn.Module):
+    """head='lm' returns logits_BxTxV; head='scalar' returns values_BxT (reward/value models).
+    With `cache`, returns (output, new_cache)."""
+    cfg: ModelConfig
+    head: str = "lm"
+
+    @nn.compact
+    def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT, *, deterministic: bool = True,
+                 cache: Cache | None = None, cache_index=None):
+        cfg, dtype = self.cfg, dtype_of(self.cfg)
+        if self.head not in ("lm", "scalar"):
+            raise ValueError(f"head must be 'lm' or 'scalar', got {self.head!r}")
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, name="embed",
+                         embedding_init=_init(nn.initializers.normal(0.02), ("vocab", "embed")))
+        x_BxTxD = embed(tokens_BxT)
+        if cfg.family == "gpt2":
+            table = self.param("pos_embedding", _init(nn.initializers.normal(0.01), ("pos", "embed")),
+                               (cfg.max_len, cfg.d_model))
+            x_BxTxD = x_BxTxD + table[positions_BxT].astype(dtype)
+        x_BxTxD = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x_BxTxD)
+        x_BxTxD = _constrain(x_BxTxD, ("batch", "length", "act_embed"))
+
+        T = tokens_BxT.shape[1]
+        segment_ids_BxT = segment_ids_BxT.astype(jnp.int32)
+        if cache is None:
+            slots = jnp.arange(T)
+            mask_BxTxS = attention_mask(segment_ids_BxT, segment_ids_BxT, slots, slots)
+            cache_index = 0
+        else:
+            cache_index = jnp.asarray(cache_index, jnp.int32)
+            segment_k_BxS = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BxT,
+                                                         (0, cache_index))
+            S = segment_k_BxS.shape[1]
+            mask_BxTxS = attention_mask(segment_ids_BxT, segment_k_BxS,
+                                        cache_index + jnp.arange(T), jnp.arange(S))
+
+        block = nn.remat(Block) if cfg.remat else Block
+        new_layers = []
+        for i in range(cfg.n_layers):
+            layer_cache = None if cache is None else cache["layers"][i]
+            x_BxTxD, new_layer = block(cfg, deterministic, name=f"layer_{i}")(
+                x_BxTxD, positions_BxT, mask_BxTxS, layer_cache, cache_index)
+            new_layers.append(new_layer)
+        h_BxTxD = Norm(cfg, name="final_norm")(x_BxTxD)
+
+        if self.head == "scalar":
+            out = nn.Dense(1, dtype=jnp.float32, name="scalar_head",
+                           kernel_init=_init(nn.initializers.normal(0.02), ("embed", "scalar")),
+                           bias_init=_init(nn.initializers.zeros, ("scalar",)))(
+                               h_BxTxD.astype(jnp.float32))[..., 0]
+        elif cfg.tie_embeddings:
+            out = embed.attend(h_BxTxD).astype(jnp.float32)
+        else:
+            out = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, name="lm_head",
+                           kernel_init=_init(nn.initializers.normal(0.02), ("embed", "vocab")))(
+                               h_BxTxD).astype(jnp.float32)
+        if self.head == "lm":
+            out = _constrain(out, ("batch", "length", "act_vocab"))
+        if cache is None:
+            return out
+        return out, {"segment_ids": segment_k_BxS, "layers": new_layers}
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, cache_len: int) -> Cache:
+    """An empty KV cache: every slot has segment id 0 (padding) until written."""
+    shape = (batch_size, cache_len, cfg.n_kv_heads, cfg.resolved_head_dim)
+    dtype = dtype_of(cfg)
+    return {"segment_ids": jnp.zeros((batch_size, cache_len), jnp.int32),
+            "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+                       for _ in range(cfg.n_layers)]}
