@@ -12,6 +12,7 @@ Moving from FSDP to FSDP+TP is a change of `--mesh`, never of code.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 
@@ -118,6 +119,32 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_RULES):
 
     return jax.tree.map(to_sharding, mesh_specs, unboxed,
                         is_leaf=lambda x: isinstance(x, P) or x is None)
+
+
+def sharding_context(mesh: Mesh):
+    """Mesh + logical rules; active while a function is traced, activation constraints
+    (nn.with_logical_constraint in the model) take effect. Enter it outside jax.jit."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(LOGICAL_RULES))
+    return stack
+
+
+class ShardedJit:
+    """jax.jit whose tracing (first call, or .lower for ahead-of-time compilation) happens
+    inside `sharding_context(mesh)`."""
+
+    def __init__(self, fn, mesh: Mesh, **jit_kwargs):
+        self.mesh = mesh
+        self.jitted = jax.jit(fn, **jit_kwargs)
+
+    def __call__(self, *args, **kwargs):
+        with sharding_context(self.mesh):
+            return self.jitted(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with sharding_context(self.mesh):
+            return self.jitted.lower(*args, **kwargs)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

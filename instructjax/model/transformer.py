@@ -71,6 +71,27 @@ def rope(x_BxTxNxF, positions_BxT, theta: float):
     return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x_BxTxNxF.dtype)
 
 
+class Projection(nn.Module):
+    """x[..., *in] @ kernel[*in, *out] (+ bias[*out]); the kernel keeps its full shape so its
+    logical names apply to it as created (flax's DenseGeneral initialises a flattened one)."""
+    out_shape: tuple[int, ...]
+    names: tuple[str, ...]  # logical names of the kernel: input dims then output dims
+    use_bias: bool
+    init_std: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        n_in = len(self.names) - len(self.out_shape)
+        shape = (*x.shape[-n_in:], *self.out_shape)
+        kernel = self.param("kernel", _init(nn.initializers.normal(self.init_std), self.names), shape)
+        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n_in)
+        if self.use_bias:
+            bias = self.param("bias", _init(nn.initializers.zeros, self.names[n_in:]), self.out_shape)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
@@ -82,10 +103,8 @@ class Attention(nn.Module):
         std = 0.02
 
         def proj(name, heads, head_names):
-            return nn.DenseGeneral(
-                (heads, F), axis=-1, use_bias=bias, dtype=dtype, name=name,
-                kernel_init=_init(nn.initializers.normal(std), ("embed", head_names, "head_dim")),
-                bias_init=_init(nn.initializers.zeros, (head_names, "head_dim")))(x_BxTxD)
+            return Projection((heads, F), ("embed", head_names, "head_dim"), bias, std, dtype,
+                              name=name)(x_BxTxD)
 
         q_BxTxHxF = _constrain(proj("query", H, "heads"), ("batch", "length", "act_heads", "head_dim"))
         k_BxTxKxF = _constrain(proj("key", K, "kv_heads"), ("batch", "length", "act_kv_heads", "head_dim"))
@@ -113,11 +132,8 @@ class Attention(nn.Module):
         out_BxTxKxGxF = jnp.einsum("bkgts,bskf->btkgf", probs, v_BxTxKxF)
         out_BxTxHxF = _constrain(out_BxTxKxGxF.reshape(B, T, H, F),
                                  ("batch", "length", "act_heads", "head_dim"))
-        out_BxTxD = nn.DenseGeneral(
-            cfg.d_model, axis=(-2, -1), use_bias=bias, dtype=dtype, name="out",
-            kernel_init=_init(nn.initializers.normal(std / (2 * cfg.n_layers) ** 0.5),
-                              ("heads", "head_dim", "embed")),
-            bias_init=_init(nn.initializers.zeros, ("embed",)))(out_BxTxHxF)
+        out_BxTxD = Projection((cfg.d_model,), ("heads", "head_dim", "embed"), bias,
+                               std / (2 * cfg.n_layers) ** 0.5, dtype, name="out")(out_BxTxHxF)
         return out_BxTxD, new_cache
 
 

@@ -99,15 +99,13 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, s
         params = nn.meta.unbox(init_params(rng))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-    with mesh:
-        state = jax.jit(init, out_shardings=shardings)(rng)
-    return state, shardings
+    return parallel.ShardedJit(init, mesh, out_shardings=shardings)(rng), shardings
 
 
 def init_params_sharded(model: nn.Module, mesh: Mesh, seq_len: int, rng: jax.Array):
     """Params only (frozen reference / reward models), initialised into their shards."""
     init_params = boxed_params_fn(model, seq_len)
     _, shardings = abstract_params(model, mesh, seq_len)
-    with mesh:
-        params = jax.jit(lambda r: nn.meta.unbox(init_params(r)), out_shardings=shardings)(rng)
+    params = parallel.ShardedJit(lambda r: nn.meta.unbox(init_params(r)), mesh,
+                                 out_shardings=shardings)(rng)
     return params, shardings

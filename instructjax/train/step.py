@@ -60,25 +60,25 @@ def make_train_step(objective: Objective, *, apply: Callable, tx: optax.Gradient
                     grad_accum_steps: int = 1):
     """state, batch, base_rng -> (state, metrics). metrics values are (sum, weight) pairs."""
 
-    def step(state: TrainState, batch, base_rng):
+    def update(state: TrainState, batch, base_rng):
         rng = jax.random.fold_in(base_rng, state.step)
         grads, metrics = accumulate_gradients(objective, apply, state.params, batch, rng,
                                               grad_accum_steps)
         denominator = jnp.maximum(metrics["loss"][1], 1e-9)
         grads = jax.tree.map(lambda g: g / denominator, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         one = jnp.ones((), jnp.float32)
         metrics = dict(metrics, grad_norm=(grad_norm, one),
-                       param_norm=(optax.global_norm(params), one),
+                       param_norm=(optax.tree.norm(params), one),
                        learning_rate=(jnp.asarray(schedule(state.step), jnp.float32), one))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     rep = parallel.replicated(mesh)
     batch_sh = parallel.batch_sharding(mesh)
-    return jax.jit(step, in_shardings=(state_shardings, batch_sh, rep),
-                   out_shardings=(state_shardings, rep), donate_argnums=(0,))
+    return parallel.ShardedJit(update, mesh, in_shardings=(state_shardings, batch_sh, rep),
+                               out_shardings=(state_shardings, rep), donate_argnums=(0,))
 
 
 def make_eval_step(objective: Objective, *, apply: Callable, mesh: Mesh, params_shardings: Any):
@@ -88,6 +88,7 @@ def make_eval_step(objective: Objective, *, apply: Callable, mesh: Mesh, params_
         _, metrics = objective(params, batch, None, apply=apply)
         return metrics
 
-    return jax.jit(step, in_shardings=(params_shardings, parallel.batch_sharding(mesh)),
-                   out_shardings=parallel.replicated(mesh))
+    return parallel.ShardedJit(step, mesh,
+                               in_shardings=(params_shardings, parallel.batch_sharding(mesh)),
+                               out_shardings=parallel.replicated(mesh))
 
