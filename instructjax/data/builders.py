@@ -1,0 +1,99 @@
+"""tensorflow-datasets builders over local JSONL files, stored as ArrayRecord.
+
+`jsonl_data_source` validates the files (errors name file:line), prepares them once under
+`data_dir/<kind>-<content hash>/` and returns random-access sources (tfds.data_source
+semantics) that grain reads. Changed file contents give a new hash, hence a rebuild.
+Each example keeps its origin "path:line" and its other JSON fields as a JSON string
+`meta`, so later stages can name the source line of a bad example and read task metadata.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from instructjax.data.jsonl import read_jsonl
+
+KIND_FIELDS: dict[str, tuple[str, ...]] = {
+    "text": ("text",),
+    "sft": ("prompt", "response"),
+    "prompt": ("prompt",),
+}
+
+
+def _content_hash(files: Mapping[str, str | Path], kind: str) -> str:
+    digest = hashlib.sha256(kind.encode())
+    for split in sorted(files):
+        digest.update(split.encode())
+        with open(files[split], "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def _builder_class():
+    import tensorflow_datasets as tfds  # slow import: only when a dataset is built
+    tfds.disable_progress_bar()
+
+    class JsonlDataset(tfds.core.GeneratorBasedBuilder):
+        """Examples from local JSONL files, one split per file."""
+        VERSION = tfds.core.Version("1.0.0")
+
+        def __init__(self, *, files: Mapping[str, str | Path], kind: str, **kwargs):
+            self._files = {k: Path(v) for k, v in files.items()}
+            self._kind = kind
+            super().__init__(**kwargs)
+
+        def _info(self):
+            names = KIND_FIELDS[self._kind] + ("origin", "meta")
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict({n: tfds.features.Text() for n in names}))
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate_examples(path) for split, path in self._files.items()}
+
+        def _generate_examples(self, path):
+            fields = KIND_FIELDS[self._kind]
+            for line, record in read_jsonl(path, required={f: str for f in fields}):
+                meta = {k: v for k, v in record.items() if k not in fields}
+                example = {f: record[f] for f in fields}
+                example.update(origin=f"{path}:{line}", meta=json.dumps(meta, ensure_ascii=False))
+                yield line, example
+
+    return JsonlDataset
+
+
+class DecodedSource(Sequence):
+    """A tfds data source whose text features come back as str (tfds gives bytes)."""
+
+    def __init__(self, source):
+        self._source = source
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self._source[index]
+        return {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in record.items()}
+
+    def __repr__(self) -> str:
+        return f"DecodedSource({len(self)} examples)"
+
+
+def jsonl_data_source(files: Mapping[str, str | Path], *, kind: str,
+                      data_dir: str | Path) -> dict[str, DecodedSource]:
+    """{split: random-access source of dicts} for JSONL `files` ({split: path})."""
+    if kind not in KIND_FIELDS:
+        raise ValueError(f"kind must be one of {sorted(KIND_FIELDS)}, got {kind!r}")
+    for split, path in files.items():
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such file (split {split!r})")
+    builder_dir = Path(data_dir) / f"{kind}-{_content_hash(files, kind)}"
+    builder = _builder_class()(files=files, kind=kind, data_dir=str(builder_dir))
+    builder.download_and_prepare(file_format="array_record")
+    return {split: DecodedSource(builder.as_data_source(split=split)) for split in files}

@@ -1,0 +1,67 @@
+"""Validated JSONL reading (errors name the file and line) and atomic JSONL writing."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """Bad input data. The message starts with "<path>:<line>: " and says what to do."""
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object"}
+
+
+def read_jsonl(path: str | Path, *, required: dict[str, type]) -> Iterator[tuple[int, dict]]:
+    """Yields (line_number, record) for each non-blank line; validates required fields."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found; check the --train_files/--eval_files flags")
+    count = 0
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_number}: malformed JSON ({e.msg} at column "
+                                f"{e.colno}); each line must be one JSON object") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{line_number}: expected a JSON object, got "
+                                f"{type(record).__name__}")
+            for field, kind in required.items():
+                if field not in record:
+                    raise DataError(f"{path}:{line_number}: missing field {field!r}; every "
+                                    f"record needs {sorted(required)}")
+                value = record[field]
+                ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+                if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                    ok = True
+                if not ok:
+                    raise DataError(f"{path}:{line_number}: field {field!r} must be "
+                                    f"{_TYPE_NAMES.get(kind, kind.__name__)}, got "
+                                    f"{type(value).__name__}")
+            count += 1
+            yield line_number, record
+    if count == 0:
+        raise DataError(f"{path}: the file has no records; it must hold one JSON object per line")
+
+
+def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> None:
+    """Writes to a temporary file in the same directory, then renames it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
