@@ -10,6 +10,7 @@ import sys
 
 from absl import flags
 
+from experiments.log_filters import quiet_library_logs
 from instructjax import config as config_lib
 from instructjax.model import config as model_config
 
@@ -145,6 +146,7 @@ def main_for(task: str):
     def main(argv):
         if len(argv) > 1:
             raise flags.ValidationError(f"unexpected arguments: {argv[1:]}")
+        quiet_library_logs()
         from instructjax.config import ConfigError
         from instructjax.data.jsonl import DataError
         try:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
+from experiments.log_filters import quiet_library_logs
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Root directory; each stage gets a subdirectory.")
 flags.DEFINE_string("pretrain_flags", None, "Flagfile of the pretraining stage.")
@@ -50,6 +52,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required")
+    quiet_library_logs()
     root = Path(FLAGS.workdir)
     data = root / "data"
     run_stage("pretrain", "experiments.pretrain", FLAGS.pretrain_flags, root / "pretrain",

@@ -75,7 +75,8 @@ def lm_loss(params, batch: Mapping[str, jax.Array], rng, *, apply, cfg: LMLossCo
         "loss": (loss_sum, denominator),
         "nll": (nll_sum, denominator),
         "accuracy": (jnp.sum(correct * mask_BxT), denominator),
-        "tokens": (denominator, jnp.ones(())),
+        # Every real input token is processed (prompt included), so throughput counts them all.
+        "tokens": (jnp.sum(batch["segment_ids"] != 0).astype(jnp.float32), jnp.ones(())),
     }
 
 

@@ -21,7 +21,7 @@ STEPS = 12
 
 def _cmd(workdir, data_dir, *extra):
     return [sys.executable, "-m", "experiments.pretrain", f"--workdir={workdir}",
-            f"--data_dir={data_dir}", "--model=tiny", "--vocab_size=320", f"--steps={STEPS}",
+            f"--data_dir={data_dir}", "--model=tiny", "--vocab_size=512", f"--steps={STEPS}",
             "--batch_size=8", "--seq_len=64", "--checkpoint_every=4", "--eval_every=6",
             "--eval_batches=1", "--log_every=2", "--warmup_steps=2", "--learning_rate=3e-3",
             "--world_pretrain_docs=150", "--world_sft_train=50", "--world_eval=20",
@@ -74,3 +74,7 @@ def test_bad_flags_give_clear_errors(tmp_path):
     assert result.returncode != 0
     assert "exceeds the model's max_len" in result.stderr
     assert "Traceback" not in result.stderr
+    result = subprocess.run(_cmd(tmp_path / "w", tmp_path / "d", "--vocab_size=300"),
+                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--vocab_size=300: cannot train a 300-piece tokenizer" in result.stderr

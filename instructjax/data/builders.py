@@ -2,7 +2,8 @@
 
 `jsonl_data_source` validates the files (errors name file:line), prepares them once under
 `data_dir/<kind>-<content hash>/` and returns random-access sources (tfds.data_source
-semantics) that grain reads. Changed file contents give a new hash, hence a rebuild.
+semantics) that grain reads. The hash covers each file's resolved path and contents, so
+changed contents, or the same contents at another path, give a new build.
 Each example keeps its origin "path:line" and its other JSON fields as a JSON string
 `meta`, so later stages can name the source line of a bad example and read task metadata.
 """
@@ -12,7 +13,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+import operator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from instructjax.data.jsonl import read_jsonl
@@ -27,7 +29,8 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
 def _content_hash(files: Mapping[str, str | Path], kind: str) -> str:
     digest = hashlib.sha256(kind.encode())
     for split in sorted(files):
-        digest.update(split.encode())
+        # The path too: a build's "origin" fields name the file it was built from.
+        digest.update(f"\0{split}\0{Path(files[split]).resolve()}\0".encode())
         with open(files[split], "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
@@ -78,8 +81,14 @@ class DecodedSource(Sequence):
         return len(self._source)
 
     def __getitem__(self, index: int) -> dict:
-        record = self._source[index]
+        index, n = operator.index(index), len(self)
+        if not -n <= index < n:  # the ArrayRecord source raises ValueError, not IndexError
+            raise IndexError(f"index {index} out of range for {n} examples")
+        record = self._source[index % n]
         return {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in record.items()}
+
+    def __iter__(self) -> Iterator[dict]:
+        return (self[i] for i in range(len(self)))
 
     def __repr__(self) -> str:
         return f"DecodedSource({len(self)} examples)"

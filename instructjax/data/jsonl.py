@@ -16,21 +16,37 @@ class DataError(ValueError):
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object"}
 
 
+class _NotFinite(Exception):
+    pass
+
+
+def _reject_constant(name: str):
+    raise _NotFinite(name)  # json.loads would otherwise accept NaN, Infinity and -Infinity
+
+
 def read_jsonl(path: str | Path, *, required: dict[str, type]) -> Iterator[tuple[int, dict]]:
     """Yields (line_number, record) for each non-blank line; validates required fields."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found; check the --train_files/--eval_files flags")
     count = 0
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes, decoded per line, so errors name the right line
+        for line_number, raw in enumerate(f, start=1):
+            try:  # a byte order mark may start the file
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{line_number}: not valid UTF-8 ({e.reason} at byte "
+                                f"{e.start + 1} of the line); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line, parse_constant=_reject_constant)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{line_number}: malformed JSON ({e.msg} at column "
                                 f"{e.colno}); each line must be one JSON object") from None
+            except _NotFinite as e:
+                raise DataError(f"{path}:{line_number}: {e} is not valid JSON; write a finite "
+                                f"number or null") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{line_number}: expected a JSON object, got "
                                 f"{type(record).__name__}")

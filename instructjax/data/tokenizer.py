@@ -77,7 +77,8 @@ def train_tokenizer(texts: Iterable[str], out_path: str | Path, *, vocab_size: i
     """Trains on `texts` and writes the model atomically to `out_path`.
 
     BPE (as Llama and GPT-2 use) with byte fallback: every byte has a token, so nothing is
-    ever unknown. Digits are split so numbers are spelled digit by digit (arithmetic tasks).
+    ever unknown, and the rarest characters (0.05% of the text) are spelled in bytes rather
+    than taking vocabulary slots. Digits are split so numbers are spelled digit by digit.
     """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,14 +86,19 @@ def train_tokenizer(texts: Iterable[str], out_path: str | Path, *, vocab_size: i
     symbols = list(dict.fromkeys(symbols))
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
         prefix = os.path.join(tmp, "spm")
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(_training_lines(texts, max_lines, 4000)),
-            model_prefix=prefix, vocab_size=vocab_size, model_type=model_type,
-            character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
-            allow_whitespace_only_pieces=whitespace_runs, user_defined_symbols=symbols,
-            pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
-            max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1,
-            hard_vocab_limit=False, minloglevel=2)
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(_training_lines(texts, max_lines, 4000)),
+                model_prefix=prefix, vocab_size=vocab_size, model_type=model_type,
+                character_coverage=0.9995, byte_fallback=True, normalization_rule_name="identity",
+                remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
+                allow_whitespace_only_pieces=whitespace_runs, user_defined_symbols=symbols,
+                pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
+                max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1,
+                hard_vocab_limit=False, minloglevel=2)
+        except RuntimeError as e:  # sentencepiece's own message names the limit it hit
+            reason = str(e).split("] ")[-1].split(" Increase")[0]
+            raise ValueError(f"cannot train a {vocab_size}-piece tokenizer on this corpus "
+                             f"({reason}); raise the vocabulary size") from None
         os.replace(prefix + ".model", out_path)
     return Tokenizer.load(out_path)

@@ -97,7 +97,7 @@ PRESETS: dict[str, dict] = {
     # Tests and CPU demos.
     "tiny": _gpt2(64, 2, 4, vocab=512, max_len=128),
     "llama-tiny": _llama(64, 2, 4, 2, 172, vocab=512, max_len=128),
-    "demo": _gpt2(192, 4, 6, vocab=2048, max_len=256),
+    "demo": _gpt2(128, 4, 4, vocab=2048, max_len=256),
     # A scaling sweep on a CPU: non-embedding parameters from ~25k to ~3M (>100x).
     "scale-1": _gpt2(32, 2, 2, vocab=2048, max_len=256),
     "scale-2": _gpt2(48, 2, 3, vocab=2048, max_len=256),

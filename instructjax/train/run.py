@@ -94,8 +94,11 @@ def resolve_tokenizer(cfg: RunConfig, files: dict[str, str]) -> Tokenizer:
         texts = (record["text"] for _, record in read_jsonl(files["train"], required={"text": str}))
         logging.info("training a %d-token sentencepiece model on %s", cfg.data.vocab_size,
                      files["train"])
-        return train_tokenizer(texts, own, vocab_size=cfg.data.vocab_size,
-                               whitespace_runs=cfg.data.whitespace_runs)
+        try:
+            return train_tokenizer(texts, own, vocab_size=cfg.data.vocab_size,
+                                   whitespace_runs=cfg.data.whitespace_runs)
+        except ValueError as e:
+            raise ConfigError(f"--vocab_size={cfg.data.vocab_size}: {e}") from None
     return Tokenizer.load(own)
 
 

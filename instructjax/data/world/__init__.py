@@ -9,19 +9,37 @@ All prompt sets are pairwise disjoint.
 
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
 import json
 import random
+import re
 from pathlib import Path
 
 from instructjax.data.jsonl import write_jsonl_atomic
-from instructjax.data.world.corpus import make_corpus
-from instructjax.data.world.facts import WORDS, make_name, make_towns, unknown_names
+from instructjax.data.world import corpus
+from instructjax.data.world.corpus import make_corpus, stdlib_texts
+from instructjax.data.world.facts import (COLOURS, COUNTRIES, FOODS, TOXIC_WORDS, WORDS,
+                                          make_name, make_towns, unknown_names)
 from instructjax.data.world.gold import gold_score, is_refusal, is_toxic, judge, normalise
-from instructjax.data.world.tasks import IDK, KINDS, REFUSAL, STYLES, make_task
+from instructjax.data.world.tasks import IDK, KINDS, QUESTIONS, REFUSAL, STYLES, make_task
 
 __all__ = ["write_world", "make_tasks", "judge", "gold_score", "normalise", "is_refusal",
            "is_toxic", "KINDS", "STYLES", "REFUSAL", "IDK"]
 FILES = ("pretrain_train", "pretrain_eval", "sft_train", "sft_eval", "prompts_train", "prompts_eval")
+
+
+@functools.cache
+def _corpus_vocabulary() -> frozenset[str]:
+    """The words the corpus holds besides the world's names: standard-library texts, the
+    string literals (templates) of corpus.py, the FAQ questions and the lexicons."""
+    docs, code = stdlib_texts()
+    literals = [node.value for node in ast.walk(ast.parse(inspect.getsource(corpus)))
+                if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+    questions = [q for pair in QUESTIONS.values() for q in pair]
+    texts = [*docs, *code, *literals, *questions, *COUNTRIES, *COLOURS, *FOODS, *TOXIC_WORDS]
+    return frozenset(re.findall(r"[A-Za-z]+", "\n".join(texts)))
 
 
 class World:
@@ -30,11 +48,14 @@ class World:
     def __init__(self, seed: int):
         self.seed = seed
         self.towns = make_towns(seed)
-        self.unknown = unknown_names(seed, self.towns, count=300)
         rng = random.Random(f"people-{seed}")
         self.people = sorted({make_name(rng, 2) for _ in range(80)})
         # Real words plus made-up ones, so string tasks have thousands of distinct prompts.
         self.words = list(WORDS) + sorted({make_name(rng, 2).lower() for _ in range(600)})
+        # Drawn last, so they avoid every name and word above and every word of the corpus.
+        names = {name for t in self.towns for name in (t.name, t.river, *t.founder.split())}
+        self.unknown = unknown_names(seed, names | set(self.people) | set(self.words) |
+                                     _corpus_vocabulary(), count=300)
 
 
 def make_tasks(world: World, n: int, split: str, exclude: set[str]) -> list[dict]:
@@ -64,7 +85,7 @@ def write_world(out_dir: str | Path, *, seed: int = 0, n_pretrain_docs: int = 40
     out_dir = Path(out_dir)
     paths = {name: out_dir / f"{name}.jsonl" for name in FILES}
     settings = dict(seed=seed, n_pretrain_docs=n_pretrain_docs, n_sft_train=n_sft_train,
-                    n_sft_eval=n_sft_eval, n_prompts=n_prompts, version=1)
+                    n_sft_eval=n_sft_eval, n_prompts=n_prompts, version=2)
     manifest = out_dir / "world.json"
     if manifest.exists() and all(p.exists() for p in paths.values()):
         if json.loads(manifest.read_text()) == settings:

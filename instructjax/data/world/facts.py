@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Iterable
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr",
            "gl", "kr", "pl", "st", "tr", "th", "sh"]
@@ -66,15 +67,16 @@ def make_towns(seed: int, count: int = 160) -> list[Town]:
     return towns
 
 
-def unknown_names(seed: int, towns: list[Town], count: int = 60) -> list[str]:
+def unknown_names(seed: int, taken: Iterable[str], count: int = 60) -> list[str]:
     """Town-like names that appear nowhere in the corpus (questions about them are
-    unanswerable: the honest answer is "I don't know.")."""
+    unanswerable: the honest answer is "I don't know."). `taken` holds every name and word
+    the corpus may contain; a name matching one of them in any letter case is skipped."""
     rng = random.Random(f"unknown-{seed}")
-    taken = {t.name for t in towns} | {t.river for t in towns}
+    seen = {word.lower() for word in taken}
     out: list[str] = []
     while len(out) < count:
         name = make_name(rng, 2)
-        if name not in taken:
-            taken.add(name)
+        if name.lower() not in seen:
+            seen.add(name.lower())
             out.append(name)
     return out
