@@ -12,7 +12,6 @@ PPO, PPO-ptx) are added here as they land.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -62,6 +61,7 @@ def main(argv):
 
     # JAX starts only now, after the stage subprocesses.
     from instructjax import parallel
+    from instructjax.data.jsonl import atomic_output, write_json_atomic
     from instructjax.rlhf import evaluate
     mesh = parallel.make_mesh(FLAGS.mesh)
     sft_eval = data / "sft_eval.jsonl"
@@ -72,8 +72,9 @@ def main(argv):
     print(table)
     summary = {r.name: {"heldout_sft_loss": r.heldout_loss, "gold_accuracy": r.gold_accuracy,
                         "mean_gold_score": r.mean_gold_score} for r in reports}
-    (root / "report.json").write_text(json.dumps(summary, indent=2))
-    (root / "report.txt").write_text(table + "\n")
+    write_json_atomic(root / "report.json", summary)
+    with atomic_output(root / "report.txt") as f:
+        f.write(table + "\n")
     logging.info("report written to %s", root / "report.txt")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -28,7 +29,7 @@ def read_jsonl(path: str | Path, *, required: dict[str, type]) -> Iterator[tuple
     """Yields (line_number, record) for each non-blank line; validates required fields."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: file not found; check the --train_files/--eval_files flags")
+        raise DataError(f"{path}: file not found")
     count = 0
     with open(path, "rb") as f:  # bytes, decoded per line, so errors name the right line
         for line_number, raw in enumerate(f, start=1):
@@ -68,16 +69,28 @@ def read_jsonl(path: str | Path, *, required: dict[str, type]) -> Iterator[tuple
         raise DataError(f"{path}: the file has no records; it must hold one JSON object per line")
 
 
-def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> None:
-    """Writes to a temporary file in the same directory, then renames it into place."""
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator:
+    """A text file that appears at `path` only once it is complete: written to a temporary
+    file in the same directory and renamed into place; removed on any error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            yield f
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> None:
+    with atomic_output(path) as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    with atomic_output(path) as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")

@@ -22,14 +22,18 @@ class Generation:
     prompt: str
     text: str            # decoded response, cut before the first EOS
     tokens: list[int]    # response tokens including the EOS if one was produced
-    sum_logprob: float
+    sum_logprob: float   # over the tokens that make up `text` (and the EOS, if produced)
     mean_logprob: float
-    ended: bool          # produced EOS within max_new_tokens
+    ended: bool          # produced EOS or a stop sequence within max_new_tokens
 
 
 def generate(params, model, tokenizer: Tokenizer, prompts: list[str], *,
              sampling: SamplingConfig, mesh, rng: jax.Array, batch_size: int = 32,
-             pad_to: int = 16, max_prompt_len: int | None = None) -> list[Generation]:
+             pad_to: int = 16, max_prompt_len: int | None = None,
+             stop: tuple[str, ...] = ()) -> list[Generation]:
+    """Samples one response per prompt. A response is cut before the first of the `stop`
+    strings (Codex: "\\ndef", "\\nclass", ...), and its log-probs then cover only the
+    tokens needed to spell what is kept, so ranking by log-prob scores the kept text."""
     dp = parallel.data_parallel_size(mesh)
     batch_size = max(dp, batch_size // dp * dp)
     encoded = [tokenizer.encode(p) for p in prompts]
@@ -54,9 +58,24 @@ def generate(params, model, tokenizer: Tokenizer, prompts: list[str], *,
             mask = out["mask_BxN"][i] > 0
             ids = out["tokens_BxN"][i][mask].tolist()
             logps = out["logprobs_BxN"][i][mask]
-            text_ids = ids[:-1] if ids and ids[-1] == tokenizer.eos_id else ids
+            ended = bool(out["ended_B"][i])
+            text_ids = ids[:-1] if ended else ids
+            text = tokenizer.decode(text_ids)
+            cut = min((c for c in (text.find(s) for s in stop) if c >= 0), default=-1)
+            if cut >= 0:
+                text, ended = text[:cut], True
+                ids = _prefix_spelling(tokenizer, text_ids, cut)
+                logps = logps[:len(ids)]
             outputs.append(Generation(
-                prompt=prompts[start + i], text=tokenizer.decode(text_ids), tokens=ids,
+                prompt=prompts[start + i], text=text, tokens=ids,
                 sum_logprob=float(np.sum(logps)), mean_logprob=float(np.mean(logps)) if ids else 0.0,
-                ended=bool(out["ended_B"][i])))
+                ended=ended))
     return outputs
+
+
+def _prefix_spelling(tokenizer: Tokenizer, ids: list[int], n_chars: int) -> list[int]:
+    """The shortest prefix of `ids` whose text covers the first n_chars characters."""
+    for n in range(len(ids) + 1):
+        if len(tokenizer.decode(ids[:n])) >= n_chars:
+            return ids[:n]
+    return ids

@@ -9,12 +9,13 @@ mesh shape and any number of processes.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from instructjax.data import jsonl
 
 
 class Checkpointer:
@@ -67,11 +68,6 @@ def restore_params(workdir: str | Path, abstract_params: Any) -> Any:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Process 0 writes a JSON file through a temporary file + rename."""
-    if jax.process_index() != 0:
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
+    """Process 0 writes a JSON file atomically."""
+    if jax.process_index() == 0:
+        jsonl.write_json_atomic(path, obj)
