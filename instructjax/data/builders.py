@@ -17,12 +17,16 @@ import operator
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+from instructjax.data.comparisons import read_comparisons
 from instructjax.data.jsonl import read_jsonl
 
 KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
     "sft": ("prompt", "response"),
     "prompt": ("prompt",),
+    # K-way rankings (see instructjax.data.comparisons): native, generic pairwise and HH-RLHF
+    # lines, detected per line; "responses" and "ranking" are stored as JSON lists.
+    "comparison": ("prompt", "responses", "ranking"),
 }
 
 
@@ -62,6 +66,9 @@ def _builder_class():
 
         def _generate_examples(self, path):
             fields = KIND_FIELDS[self._kind]
+            if self._kind == "comparison":
+                yield from _comparison_examples(path, fields)
+                return
             for line, record in read_jsonl(path, required={f: str for f in fields}):
                 meta = {k: v for k, v in record.items() if k not in fields}
                 example = {f: record[f] for f in fields}
@@ -69,6 +76,16 @@ def _builder_class():
                 yield line, example
 
     return JsonlDataset
+
+
+def _comparison_examples(path, fields):
+    for line, record in read_comparisons(path):
+        meta = {k: v for k, v in record.items() if k not in fields}
+        example = {"prompt": record["prompt"],
+                   "responses": json.dumps(record["responses"], ensure_ascii=False),
+                   "ranking": json.dumps(record["ranking"]),
+                   "origin": f"{path}:{line}", "meta": json.dumps(meta, ensure_ascii=False)}
+        yield line, example
 
 
 class DecodedSource(Sequence):

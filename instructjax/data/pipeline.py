@@ -1,4 +1,5 @@
-"""grain input pipelines: packed language-model batches and prompt-masked SFT batches.
+"""grain input pipelines: packed language-model batches, prompt-masked SFT batches and
+K-way comparison batches for the reward model (`comparison_batches`, keys below).
 
 Every batch is a dict of numpy arrays with exactly these keys:
   inputs int32 [B,T]     targets int32 [B,T]     positions int32 [B,T]
@@ -14,11 +15,14 @@ processes can pickle them.
 
 from __future__ import annotations
 
+import json
+
 import grain
 import numpy as np
 from absl import logging
 from grain.experimental import ConcatThenSplitIterDataset, FirstFitPackIterDataset
 
+from instructjax.data.comparisons import to_comparison
 from instructjax.data.jsonl import DataError
 from instructjax.data.tokenizer import Tokenizer
 
@@ -179,3 +183,122 @@ def eval_batches(source, tokenizer: Tokenizer, *, kind: str, seq_len: int, batch
                      for k, v in batch.items()}
         batches.append(batch)
     return batches
+
+
+# ----------------------------------------------------------------------------- comparisons
+
+COMPARISON_BATCH_KEYS = ("tokens_BxKxT", "positions_BxKxT", "segment_ids_BxKxT", "rank_BxK",
+                         "valid_BxK", "truncated_BxK")
+
+
+class EncodeComparison(_WithTokenizer):
+    """One comparison (prompt, K responses, ranking) -> K rows of prompt + response + EOS.
+
+    Rows are right-padded with pad_id to seq_len and slots K..k_max-1 are empty (all
+    padding, valid 0, rank k_max). A response that does not fit is cut at seq_len and has
+    no EOS (the reward is then read at its last kept token, like any sequence); such rows
+    are marked in `truncated` and counted in `self.truncated`. A prompt that leaves no room
+    for a single response token is a DataError naming the example's origin file:line.
+    """
+
+    def __init__(self, tokenizer_path, seq_len: int, k_max: int):
+        super().__init__(tokenizer_path)
+        self.seq_len, self.k_max = seq_len, k_max
+        self.truncated = 0
+
+    def __call__(self, record):
+        tok, seq_len, k_max = self.tokenizer, self.seq_len, self.k_max
+        origin = record.get("origin", "<input>")
+        fields = {k: v for k, v in record.items() if k not in ("origin", "meta")}
+        for k in ("responses", "ranking"):  # stored as JSON text by the tfds builder
+            if isinstance(fields.get(k), str):
+                fields[k] = json.loads(fields[k])
+        comparison = to_comparison(fields, origin)
+        responses, ranking = comparison["responses"], comparison["ranking"]
+        if len(responses) > k_max:
+            raise DataError(f"{origin}: {len(responses)} responses, more than k_max={k_max}; "
+                            "raise k_max or split the ranking")
+        prompt = tok.encode(comparison["prompt"])
+        if len(prompt) >= seq_len:
+            raise DataError(
+                f"{origin}: the prompt is {len(prompt)} tokens, which leaves no room for a "
+                f"response in --seq_len={seq_len}; shorten the prompt or raise --seq_len")
+        tokens = np.full((k_max, seq_len), tok.pad_id, np.int32)
+        positions = np.zeros((k_max, seq_len), np.int32)
+        segment_ids = np.zeros((k_max, seq_len), np.int32)
+        truncated = np.zeros(k_max, np.int32)
+        for k, response in enumerate(responses):
+            ids = prompt + tok.encode(response) + [tok.eos_id]
+            if len(ids) > seq_len:
+                if self.truncated == 0:
+                    logging.warning("%s: response truncated to fit --seq_len=%d, without EOS "
+                                    "(counted; further truncations are not logged)", origin,
+                                    seq_len)
+                self.truncated += 1
+                truncated[k] = 1
+                ids = ids[:seq_len]
+            tokens[k, :len(ids)] = ids
+            positions[k, :len(ids)] = np.arange(len(ids))
+            segment_ids[k, :len(ids)] = 1
+        rank = np.full(k_max, k_max, np.int32)
+        rank[ranking] = np.arange(len(ranking))
+        valid = (np.arange(k_max) < len(responses)).astype(np.int32)
+        return {"tokens_BxKxT": tokens, "positions_BxKxT": positions,
+                "segment_ids_BxKxT": segment_ids, "rank_BxK": rank, "valid_BxK": valid,
+                "truncated_BxK": truncated}
+
+
+class PadBatch:
+    """A final, partial batch -> batch_size elements (the extra ones empty: valid 0)."""
+
+    def __init__(self, batch_size: int, k_max: int):
+        self.batch_size, self.k_max = batch_size, k_max
+
+    def __call__(self, batch):
+        missing = self.batch_size - len(batch["valid_BxK"])
+        if missing == 0:
+            return batch
+        out = {}
+        for key, value in batch.items():
+            fill = self.k_max if key == "rank_BxK" else 0
+            pad = np.full((missing, *value.shape[1:]), fill, value.dtype)
+            out[key] = np.concatenate([value, pad])
+        return out
+
+
+def comparison_batches(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
+                       k_max: int = 9, shuffle: bool = True, seed: int = 0,
+                       shard_index: int = 0, shard_count: int = 1,
+                       num_epochs: int | None = None,
+                       drop_remainder: bool = True) -> grain.IterDataset:
+    """Batches of K-way comparisons for the reward model; all K responses of one prompt are
+    in one batch element. Each batch is a dict of numpy arrays:
+
+      tokens_BxKxT int32       prompt + response_k + EOS, right-padded with pad_id
+      positions_BxKxT int32    0, 1, ... on real tokens, 0 on padding
+      segment_ids_BxKxT int32  1 on real tokens, 0 on padding (empty slots: all 0)
+      rank_BxK int32           place of response k in the ranking (0 = best); k_max if empty
+      valid_BxK int32          1 for real responses, 0 for the empty slots K..k_max-1
+      truncated_BxK int32      1 where the response was cut at seq_len (no EOS)
+
+    `source` holds records with "prompt", "responses" and "ranking" (lists, or JSON text as
+    stored by the "comparison" tfds kind; pairwise records are converted as in
+    instructjax.data.comparisons) and optionally "origin" for error messages. The
+    iterator is checkpointable (get_state/set_state); each host reads shard
+    `shard_index` of `shard_count`; every epoch is reshuffled (seeded). With
+    drop_remainder=False (evaluation, num_epochs=1) the last batch is padded with empty
+    elements (valid all 0) so every batch has the same shape.
+    """
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} out of range for {shard_count} shards")
+    if k_max < 2:
+        raise ValueError(f"k_max must be at least 2, got {k_max}")
+    ds = grain.MapDataset.source(source)[shard_index::shard_count]
+    if len(ds) == 0:
+        raise DataError(f"{source!r}: shard {shard_index} of {shard_count} has no examples; "
+                        "the dataset is empty or smaller than the number of hosts")
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs).map(EncodeComparison(tokenizer.path, seq_len, k_max))
+    ds = ds.to_iter_dataset().batch(batch_size, drop_remainder=drop_remainder)
+    return ds if drop_remainder else ds.map(PadBatch(batch_size, k_max))
