@@ -98,7 +98,7 @@ class DataConfig:
         _require(self.worker_count >= 0, "--data_workers must be >= 0")
 
 
-TASKS = ("pretrain", "sft")
+TASKS = ("pretrain", "sft", "reward")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

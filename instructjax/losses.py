@@ -142,9 +142,12 @@ def reward_ranking_loss(params, batch: Mapping[str, jax.Array], rng, *, apply,
     loss_sum = jnp.sum(pair_loss_B / jnp.maximum(n_pairs_B, 1.0))
     denominator = jnp.sum((n_pairs_B > 0).astype(jnp.float32))
     valid_f = valid_BxK.astype(jnp.float32)
+    # Identical responses get identical rewards: no preference to get right, so accuracy
+    # leaves them out, as the labelers' agreement does.
+    decided_BxKxK = pair_BxKxK * (margin_BxKxK != 0)
     return loss_sum, {
         "loss": _pair(loss_sum, denominator),
-        "accuracy": _pair(jnp.sum((margin_BxKxK > 0) * pair_BxKxK), jnp.sum(n_pairs_B)),
+        "accuracy": _pair(jnp.sum((margin_BxKxK > 0) * pair_BxKxK), jnp.sum(decided_BxKxK)),
         "reward_mean": _pair(jnp.sum(reward_BxK * valid_f), jnp.sum(valid_f)),
         "reward_margin": _pair(jnp.sum(margin_BxKxK * pair_BxKxK), jnp.sum(n_pairs_B)),
         "tokens": _pair(jnp.sum(segment_ids_BKxT != 0), 1.0),

@@ -89,7 +89,7 @@ def test_reward_ranking_loss_vs_double_loop(K, n_valid):
     B, T = len(n_valid), batch["tokens_BxKxT"].shape[-1]
     assert apply.shapes == [(B * K, T)]  # ONE forward pass over every response
 
-    want, prompts, correct, n_pairs, margins = 0.0, 0, 0, 0, 0.0
+    want, prompts, correct, n_pairs, decided, margins = 0.0, 0, 0, 0, 0, 0.0
     for b in range(B):
         r = [float(vtable[batch["tokens_BxKxT"][b, k, lengths[b, k] - 1]]) for k in range(K)]
         terms = []
@@ -99,6 +99,7 @@ def test_reward_ranking_loss_vs_double_loop(K, n_valid):
                         and batch["rank_BxK"][b, w] < batch["rank_BxK"][b, l]):
                     terms.append(-log_sigmoid(r[w] - r[l]))
                     correct += r[w] > r[l]
+                    decided += r[w] != r[l]  # equal rewards (identical responses) are left out
                     margins += r[w] - r[l]
         assert len(terms) == math.comb(n_valid[b], 2)
         n_pairs += len(terms)
@@ -107,7 +108,7 @@ def test_reward_ranking_loss_vs_double_loop(K, n_valid):
             prompts += 1
     assert float(loss_sum) == pytest.approx(want, rel=1e-5)
     assert float(metrics["loss"][1]) == prompts
-    assert float(metrics["accuracy"][0]) == correct and float(metrics["accuracy"][1]) == n_pairs
+    assert float(metrics["accuracy"][0]) == correct and float(metrics["accuracy"][1]) == decided
     assert float(metrics["reward_margin"][0]) == pytest.approx(margins, rel=1e-5, abs=1e-5)
 
 

@@ -197,7 +197,7 @@ class EncodeComparison(_WithTokenizer):
     Rows are right-padded with pad_id to seq_len and slots K..k_max-1 are empty (all
     padding, valid 0, rank k_max). A response that does not fit is cut at seq_len and has
     no EOS (the reward is then read at its last kept token, like any sequence); such rows
-    are marked in `truncated` and counted in `self.truncated`. A prompt that leaves no room
+    are marked in `truncated_BxK` (sum it for a metric) and counted in `self.truncated`. A prompt that leaves no room
     for a single response token is a DataError naming the example's origin file:line.
     """
 
@@ -212,7 +212,11 @@ class EncodeComparison(_WithTokenizer):
         fields = {k: v for k, v in record.items() if k not in ("origin", "meta")}
         for k in ("responses", "ranking"):  # stored as JSON text by the tfds builder
             if isinstance(fields.get(k), str):
-                fields[k] = json.loads(fields[k])
+                try:
+                    fields[k] = json.loads(fields[k])
+                except json.JSONDecodeError:
+                    raise DataError(f"{origin}: field {k!r} is neither a list nor a JSON "
+                                    f"list: {fields[k]!r:.60}") from None
         comparison = to_comparison(fields, origin)
         responses, ranking = comparison["responses"], comparison["ranking"]
         if len(responses) > k_max:

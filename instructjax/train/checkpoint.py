@@ -33,6 +33,13 @@ class Checkpointer:
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
         self._manager.wait_until_finished()
 
+    def replace(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Overwrites checkpoint `step`. If interrupted in between, the previous checkpoint
+        is the latest again, and a rerun redoes the steps after it."""
+        if step in self._manager.all_steps():
+            self._manager.delete(step)
+        self.save(step, state, meta)
+
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict] | None:
         """(state, meta) of `step` (default: latest), or None if there is no checkpoint."""
         step = self.latest_step() if step is None else step

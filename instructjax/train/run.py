@@ -1,12 +1,15 @@
-"""Language-model training runs: pretraining on a text corpus and SFT on demonstrations.
+"""Supervised training runs: pretraining on a text corpus, SFT on demonstrations, and the
+reward model on K-way comparisons.
 
-Both are the same loop over the same `lm` objective; they differ only in the data (packed
-documents vs prompt-masked demonstrations) and in where the parameters start.
+All three are the same loop and train step; a task picks the data (packed documents,
+prompt-masked demonstrations, comparisons), the objective (`lm` or `reward_ranking`), the
+head (the reward model swaps the unembedding for a scalar head) and where parameters start.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import shutil
 import sys
@@ -20,7 +23,8 @@ from instructjax.config import ConfigError, RunConfig
 from instructjax.data import builders, pipeline
 from instructjax.data.jsonl import read_jsonl
 from instructjax.data.tokenizer import Tokenizer, train_tokenizer
-from instructjax.losses import LMLossConfig, Objective, lm_loss, make_apply, reduce_metrics
+from instructjax.losses import (LMLossConfig, Objective, RankingLossConfig, lm_loss, make_apply,
+                                reduce_metrics, reward_ranking_loss)
 from instructjax.model.config import ModelConfig
 from instructjax.model.transformer import Transformer
 from instructjax.train import checkpoint as ckpt_lib
@@ -70,6 +74,14 @@ def dataset_files(cfg: RunConfig) -> dict[str, str]:
             raise ConfigError("--train_files/--eval_files: give one JSONL file each")
         return {"train": cfg.data.train_files[0], "eval": cfg.data.eval_files[0]}
     files = world_files(cfg)
+    if cfg.task == "reward":  # written by experiments.comparisons into the same data_dir
+        data_dir = Path(cfg.data.data_dir)
+        out = {split: data_dir / f"comparisons_{split}.jsonl" for split in ("train", "eval")}
+        for path in out.values():
+            if not path.exists():
+                raise ConfigError(f"{path} not found: run experiments.comparisons with "
+                                  f"--data_dir={data_dir} first, or pass --train_files/--eval_files")
+        return {k: str(v) for k, v in out.items()}
     prefix = "pretrain" if cfg.task == "pretrain" else "sft"
     return {"train": str(files[f"{prefix}_train"]), "eval": str(files[f"{prefix}_eval"])}
 
@@ -116,13 +128,44 @@ def load_trained(workdir: str | Path, mesh, *, head: str = "lm"):
     return model, params, Tokenizer.load(Path(workdir) / TOKENIZER_FILE)
 
 
+SCALAR_HEAD = "scalar_head"
+NORMALISE_BATCHES = 16
+
+
+def _normalise_reward(state, evaluate, sft_outputs, checkpointer, data_iter):
+    """Sets the scalar head's bias so the SFT policy's outputs (the responses of the
+    training comparisons) score 0 on average, and saves that as the final checkpoint.
+    Idempotent: a rerun after a crash recomputes the same bias from the trained params."""
+    params = state.params
+    head = params[SCALAR_HEAD]
+    # The reward is linear in the bias; a few batches are plenty for the mean.
+    bias = head["bias"] - evaluate(params, itertools.islice(sft_outputs, NORMALISE_BATCHES)
+                                   )["eval/reward_mean"]
+    state = state.replace(params={**params, SCALAR_HEAD: {**head, "bias": bias}})
+    checkpointer.replace(int(state.step), state, {"data_iter": data_iter.get_state(),
+                                                   "reward_normalised": True})
+    logging.info("reward normalised: SFT outputs now score mean 0 (bias %s)", jax.device_get(bias))
+    return state
+
+
 def _datasets(cfg: RunConfig, tokenizer: Tokenizer, files: dict[str, str]):
-    kind = "text" if cfg.task == "pretrain" else "sft"
+    kind = {"pretrain": "text", "sft": "sft", "reward": "comparison"}[cfg.task]
     sources = builders.jsonl_data_source(files, kind=kind,
                                          data_dir=Path(cfg.data.data_dir) / "tfds")
     per_host = cfg.train.batch_size // jax.process_count()
     common = dict(seq_len=cfg.train.seq_len, shard_index=jax.process_index(),
                   shard_count=jax.process_count())
+    if cfg.task == "reward":
+        train_ds = pipeline.comparison_batches(sources["train"], tokenizer, batch_size=per_host,
+                                               seed=cfg.train.seed, **common)
+        eval_batches = list(pipeline.comparison_batches(
+            sources["eval"], tokenizer, batch_size=per_host, shuffle=False, num_epochs=1,
+            drop_remainder=False, **common))
+        # SFT outputs for the reward normalisation: the training responses, in order.
+        sft_outputs = pipeline.comparison_batches(
+            sources["train"], tokenizer, batch_size=per_host, shuffle=False, num_epochs=1,
+            drop_remainder=False, **common)
+        return iter(train_ds), eval_batches, sft_outputs
     make = pipeline.lm_dataset if cfg.task == "pretrain" else pipeline.sft_dataset
     train_ds = make(sources["train"], tokenizer, batch_size=per_host, seed=cfg.train.seed,
                     **common)
@@ -131,7 +174,7 @@ def _datasets(cfg: RunConfig, tokenizer: Tokenizer, files: dict[str, str]):
                                               batch_size=per_host, **common))
     if cfg.train.eval_batches:
         eval_batches = eval_batches[:cfg.train.eval_batches]
-    return iter(train_ds), eval_batches
+    return iter(train_ds), eval_batches, None
 
 
 def train_lm(cfg: RunConfig, argv: list[str] = ()) -> dict[str, float]:
@@ -152,13 +195,15 @@ def train_lm(cfg: RunConfig, argv: list[str] = ()) -> dict[str, float]:
                          f"vocab_size is {cfg.model.vocab_size}; raise --vocab_size")
     write_run_record(cfg, list(argv))
 
-    model = Transformer(cfg.model)
+    reward = cfg.task == "reward"
+    model = Transformer(cfg.model, head="scalar" if reward else "lm")
     apply = make_apply(model)
-    objective = Objective(lm_loss, LMLossConfig())
+    objective = (Objective(reward_ranking_loss, RankingLossConfig()) if reward
+                 else Objective(lm_loss, LMLossConfig()))
     schedule = state_lib.make_schedule(cfg.optim, cfg.train.steps)
     tx = state_lib.make_optimizer(cfg.optim, cfg.train.steps)
     abstract, shardings = state_lib.abstract_state(model, tx, mesh, cfg.train.seq_len)
-    train_iter, eval_batches = _datasets(cfg, tokenizer, files)
+    train_iter, eval_batches, sft_outputs = _datasets(cfg, tokenizer, files)
     checkpointer = ckpt_lib.Checkpointer(Path(cfg.workdir) / "checkpoints",
                                          keep=cfg.train.keep_checkpoints)
     seed_key = jax.random.key(cfg.train.seed)
@@ -167,8 +212,10 @@ def train_lm(cfg: RunConfig, argv: list[str] = ()) -> dict[str, float]:
         state, _ = state_lib.init_state(model, tx, mesh, cfg.train.seq_len,
                                         jax.random.fold_in(seed_key, 1))
         if cfg.init_from:
-            params = ckpt_lib.restore_params(cfg.init_from, abstract.params)
-            state = state.replace(params=params)
+            # A reward model starts from the LM's trunk; its scalar head starts fresh.
+            wanted = {k: v for k, v in abstract.params.items() if k != SCALAR_HEAD}
+            params = ckpt_lib.restore_params(cfg.init_from, wanted)
+            state = state.replace(params={**state.params, **params})
             logging.info("initialised params from %s", cfg.init_from)
         return state
 
@@ -179,9 +226,9 @@ def train_lm(cfg: RunConfig, argv: list[str] = ()) -> dict[str, float]:
     eval_step = step_lib.make_eval_step(objective, apply=apply, mesh=mesh,
                                         params_shardings=shardings.params)
 
-    def evaluate(params) -> dict[str, float]:
+    def evaluate(params, batches=eval_batches) -> dict[str, float]:
         totals: dict[str, list[float]] = {}
-        for batch in eval_batches:
+        for batch in batches:
             metrics = jax.device_get(eval_step(params, parallel.global_batch(batch, mesh)))
             for name, (total, weight) in metrics.items():
                 acc = totals.setdefault(name, [0.0, 0.0])
@@ -195,6 +242,8 @@ def train_lm(cfg: RunConfig, argv: list[str] = ()) -> dict[str, float]:
             state, cfg=cfg.train, train_step=train_step, base_rng=jax.random.fold_in(seed_key, 2),
             data_iter=train_iter, mesh=mesh, checkpointer=checkpointer, writer=writer,
             evaluate=evaluate, flops_per_token=cfg.model.flops_per_token(cfg.train.seq_len))
+        if reward:
+            state = _normalise_reward(state, evaluate, sft_outputs, checkpointer, train_iter)
         final = evaluate(state.params)
     finally:
         writer.close()

@@ -8,6 +8,8 @@ trailing punctuation and a leading "the" are ignored.
 
 from __future__ import annotations
 
+import difflib
+
 import re
 
 from instructjax.data.world.facts import TOXIC_WORDS
@@ -61,13 +63,15 @@ def judge(task: dict, response: str) -> dict[str, bool]:
 
 
 def _partial_credit(task: dict, line: str) -> float:
-    """How close a wrong answer is, in [0, 1]: shared items in order for lists/words."""
+    """How close a wrong answer is, in [0, 1]: half for the items (list elements, words) in
+    the right places, half for character-level similarity, so near misses ("9,200" for
+    "25,200", "onrud" for "onurd") beat garbage and few pairs of distinct answers tie."""
     answer = normalise(task["answer"]).split()
     got = line.split()
     if not answer or not got:
         return 0.0
-    same = sum(a == b for a, b in zip(answer, got))
-    return same / max(len(answer), len(got))
+    same = sum(a == b for a, b in zip(answer, got)) / max(len(answer), len(got))
+    return 0.5 * same + 0.5 * difflib.SequenceMatcher(None, " ".join(answer), line).ratio()
 
 
 def gold_score(task: dict, response: str) -> float:

@@ -24,12 +24,14 @@ made-up answers, compliance with harmful requests, toxic text, garbage and empty
 1,200 world tasks: InstructGPT reports 72.6 +- 1.5% inter-annotator agreement. Measured
 (world seed 0, response sets drawn with random.Random(0), K = 4..9, 22,613 response
 pairs): NOISE_SCALE = 0.3815 gives a mean agreement of 0.730 over the 28 pairs of 8
-training labelers; held-out vs training labelers 0.732. On fresh sets (other tasks, other
+training labelers; held-out vs training labelers 0.732 (8 pairs). On fresh sets (other tasks, other
 seeds, ~11,000 pairs each) single labeler pairs range over 0.70-0.75 (mean 0.73); a
 labeler orders pairs with different gold scores as gold does 0.86 of the time and puts the
 gold response above garbage text 0.98 of the time. About 21% of the pairs tie in gold
 score (e.g. two wrong answers, or the answer with and without a final period); those the
-noise decides, so labelers agree on half of them.
+noise decides, so labelers agree on half of them. Agreement depends on the mix of
+responses (sets with more near-identical answers agree less): to calibrate on real model
+samples instead, run `calibrate_noise` on them and pass its scale as `noise_scale`.
 
 Training and held-out pools are disjoint: different id prefixes ("train-", "heldout-") and
 noise seeds drawn from different streams (checked).
@@ -168,13 +170,16 @@ def _orders(ranking: Sequence[int]) -> list[int]:
 def agreement(labeler_a: Labeler, labeler_b: Labeler, tasks: Sequence[dict],
               response_sets: Sequence[Sequence[str]]) -> float:
     """The fraction of response pairs (all pairs within each set, pooled) that the two
-    labelers order the same way."""
+    labelers order the same way. Pairs of identical texts are left out: there is no
+    preference to agree on (sampled sets repeat short answers often)."""
     same = total = 0
     for task, responses in zip(tasks, response_sets, strict=True):
         pa = _orders(rank(task, responses, labeler_a))
         pb = _orders(rank(task, responses, labeler_b))
         for i in range(len(responses)):
             for j in range(i + 1, len(responses)):
+                if responses[i] == responses[j]:
+                    continue
                 same += (pa[i] < pa[j]) == (pb[i] < pb[j])
                 total += 1
     if total == 0:
@@ -330,8 +335,9 @@ def calibrate_noise(tasks: Sequence[dict], response_sets: Sequence[Sequence[str]
     for task, responses in zip(tasks, response_sets, strict=True):
         k = len(responses)
         i, j = np.triu_indices(k, 1)
-        left.append(i + offset)
-        right.append(j + offset)
+        distinct = np.asarray([responses[a] != responses[b] for a, b in zip(i, j)], bool)
+        left.append(i[distinct] + offset)  # as in `agreement`: identical texts are no pair
+        right.append(j[distinct] + offset)
         offset += k
     left, right = np.concatenate(left), np.concatenate(right)
     for labeler in pool:
