@@ -119,7 +119,8 @@ class PadOne:
                 "loss_mask": np.pad(mask.astype(np.float32), (0, pad))}
 
 
-def _examples(source, encode, *, seed, shard_index, shard_count, num_epochs, shuffle):
+def _host_records(source, *, seed, shard_index, shard_count, num_epochs, shuffle):
+    """This host's shard of the records, reshuffled every epoch."""
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} out of range for {shard_count} shards")
     ds = grain.MapDataset.source(source)[shard_index::shard_count]
@@ -128,7 +129,11 @@ def _examples(source, encode, *, seed, shard_index, shard_count, num_epochs, shu
                         "the dataset is empty or smaller than the number of hosts")
     if shuffle:
         ds = ds.shuffle(seed=seed)
-    return ds.repeat(num_epochs).map(encode).filter(_has_targets).to_iter_dataset()
+    return ds.repeat(num_epochs)
+
+
+def _examples(source, encode, **host_kwargs):
+    return _host_records(source, **host_kwargs).map(encode).filter(_has_targets).to_iter_dataset()
 
 
 def lm_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
@@ -293,16 +298,10 @@ def comparison_batches(source, tokenizer: Tokenizer, *, seq_len: int, batch_size
     drop_remainder=False (evaluation, num_epochs=1) the last batch is padded with empty
     elements (valid all 0) so every batch has the same shape.
     """
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index {shard_index} out of range for {shard_count} shards")
     if k_max < 2:
         raise ValueError(f"k_max must be at least 2, got {k_max}")
-    ds = grain.MapDataset.source(source)[shard_index::shard_count]
-    if len(ds) == 0:
-        raise DataError(f"{source!r}: shard {shard_index} of {shard_count} has no examples; "
-                        "the dataset is empty or smaller than the number of hosts")
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs).map(EncodeComparison(tokenizer.path, seq_len, k_max))
+    ds = _host_records(source, seed=seed, shard_index=shard_index, shard_count=shard_count,
+                       num_epochs=num_epochs, shuffle=shuffle)
+    ds = ds.map(EncodeComparison(tokenizer.path, seq_len, k_max))
     ds = ds.to_iter_dataset().batch(batch_size, drop_remainder=drop_remainder)
     return ds if drop_remainder else ds.map(PadBatch(batch_size, k_max))
