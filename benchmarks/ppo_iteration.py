@@ -1,0 +1,221 @@
+"""PPO iteration throughput: rollout vs learner, and our sampler vs Hugging Face `generate`.
+
+  python -m benchmarks.ppo_iteration                           # demo model, batch 32
+  python -m benchmarks.ppo_iteration --model=bench-512 --batch_size=16 --prompt_len=128
+  python -m benchmarks.ppo_iteration --nohf                    # without the torch comparison
+
+Reports, for random-init models of one size preset (policy = reference, value = reward):
+  - sampler tokens/s: generated tokens per second of `sampling.sample` alone
+  - rollout tokens/s: generated tokens per second of the whole rollout (sampling plus the
+    policy / reference / value / reward forward passes over prompt + response)
+  - learner tokens/s: tokens (prompt + response rows) through the policy and value
+    forward + backward per second, over ppo_epochs x num_minibatches updates
+  - seconds per PPO iteration: the one jitted iteration (rollout + learner + KL control)
+and the same generation with transformers' GPT2LMHeadModel.generate (torch, CPU, KV cache)
+on the same GPT-2 shape (n_embd, n_layer, n_head, vocab, MLP width; random init), batch and
+lengths, sampling on at temperature 1 with no top-k, min_new_tokens = max_new_tokens so
+both produce exactly the same number of tokens (our sampler has no EOS to stop at). Compile
+time is reported separately and excluded from every rate (best of --repeats runs).
+
+The torch comparison needs (not a project dependency; the CPU wheel of torch):
+  pip install torch==2.13.0 transformers
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "demo", "Size preset (GPT-2 family for the HF comparison).")
+flags.DEFINE_integer("batch_size", 32, "Rollout batch (prompts).")
+flags.DEFINE_integer("prompt_len", 64, "Prompt tokens (no padding).")
+flags.DEFINE_integer("new_tokens", 24, "Generated tokens per prompt.")
+flags.DEFINE_integer("ppo_epochs", 4, "PPO epochs per iteration.")
+flags.DEFINE_integer("num_minibatches", 4, "Minibatches per epoch.")
+flags.DEFINE_float("gamma_ptx", 0.0, "PPO-ptx weight (0 = plain PPO).")
+flags.DEFINE_integer("ptx_batch_size", 4, "Pretraining rows per update (PPO-ptx).")
+flags.DEFINE_integer("ptx_seq_len", 128, "Pretraining row length (PPO-ptx).")
+flags.DEFINE_string("compute_dtype", "float32", "float32 or bfloat16.")
+flags.DEFINE_string("mesh", "data:1,fsdp:-1,tensor:1", "Device mesh.")
+flags.DEFINE_integer("repeats", 3, "Timed runs of each program (the best is reported).")
+flags.DEFINE_bool("hf", True, "Compare with transformers' generate (needs torch).")
+
+
+def best_time(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def compile_time(fn) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+def hf_generate_time(cfg, prompts_BxP: np.ndarray, new_tokens: int, repeats: int) -> float:
+    import torch
+    import transformers
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    hf_cfg = transformers.GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.max_len, n_embd=cfg.d_model,
+        n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_ff,
+        activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps,
+        tie_word_embeddings=True, eos_token_id=cfg.vocab_size - 1,
+        bos_token_id=cfg.vocab_size - 1, pad_token_id=0)
+    model = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    ids = torch.from_numpy(prompts_BxP.astype(np.int64))
+    mask = torch.ones_like(ids)
+
+    def run():
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0,
+                                 top_k=0, top_p=1.0, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, pad_token_id=0, use_cache=True)
+        assert out.shape == (ids.shape[0], ids.shape[1] + new_tokens), out.shape
+        return out
+
+    run()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main(argv):
+    del argv
+    from instructjax import parallel
+    from instructjax.config import DataConfig, OptimConfig
+    from instructjax.losses import PolicyValueApply
+    from instructjax.model.config import preset
+    from instructjax.model.transformer import Transformer
+    from instructjax.rlhf import ppo, rollout
+    from instructjax.sampling import sample
+    from instructjax.train import state as state_lib
+
+    B, P, N = FLAGS.batch_size, FLAGS.prompt_len, FLAGS.new_tokens
+    mesh = parallel.make_mesh(FLAGS.mesh)
+    model_cfg = preset(FLAGS.model, compute_dtype=FLAGS.compute_dtype)
+    if P + N > model_cfg.max_len:
+        raise SystemExit(f"error: prompt_len + new_tokens ({P + N}) exceeds the model's "
+                         f"max_len {model_cfg.max_len}")
+    eos, pad = -1, 0  # no EOS: every row generates exactly N tokens, like HF's min_new_tokens
+    cfg = ppo.PPOConfig(
+        workdir="-", policy_from="-", reward_from="-", data=DataConfig(data_dir="-"),
+        optim=OptimConfig(learning_rate=1e-5, warmup_steps=0), iterations=10,
+        rollout_batch_size=B, max_prompt_len=P, max_new_tokens=N, ppo_epochs=FLAGS.ppo_epochs,
+        num_minibatches=FLAGS.num_minibatches, gamma_ptx=FLAGS.gamma_ptx,
+        ptx_batch_size=FLAGS.ptx_batch_size, ptx_seq_len=FLAGS.ptx_seq_len)
+    policy, value = Transformer(model_cfg), Transformer(model_cfg, head="scalar")
+    models = rollout.RolloutModels(policy=policy, value=value, reward=value)
+    rollout_cfg = cfg.rollout_config(eos_id=eos, pad_id=pad)
+    tx, schedule = ppo.make_optimizer(cfg)
+    abstract, shardings = ppo.abstract_ppo_state(policy, value, tx, mesh, cfg.init_kl_coef)
+
+    def lm():
+        return state_lib.init_params_sharded(policy, mesh, 2, jax.random.key(0))[0]
+
+    def rm():
+        return ppo.init_scalar_from_lm(lm(), abstract.value_params, jax.random.key(1))
+
+    frozen = {"reference": lm(), "reward": rm()}
+    state = ppo.init_ppo_state(lm(), rm(), tx, shardings, mesh, cfg.init_kl_coef)
+    rng = np.random.default_rng(0)
+    prompts_BxP = rng.integers(3, model_cfg.vocab_size, (B, P)).astype(np.int32)
+    batch = {"prompt_tokens": prompts_BxP, "prompt_mask": np.ones((B, P), np.int32)}
+    if cfg.use_ptx:
+        R, T = cfg.num_updates * cfg.ptx_batch_size, cfg.ptx_seq_len
+        toks = rng.integers(3, model_cfg.vocab_size, (R, T + 1)).astype(np.int32)
+        batch.update(ptx_inputs=toks[:, :-1], ptx_targets=toks[:, 1:],
+                     ptx_positions=np.tile(np.arange(T, dtype=np.int32), (R, 1)),
+                     ptx_segment_ids=np.ones((R, T), np.int32),
+                     ptx_loss_mask=np.ones((R, T), np.float32))
+    gbatch = parallel.global_batch(batch, mesh)
+    key = jax.random.key(0)
+    beta = state.kl["beta"]
+
+    sampler = parallel.ShardedJit(
+        lambda p, x, m, r: sample(p, x, m, r, model=policy, cfg=rollout_cfg.sampling), mesh)
+    roll = parallel.ShardedJit(lambda params, frozen, x, m, r, b: rollout.rollout(
+        params, frozen, x, m, r, b, models=models, cfg=rollout_cfg), mesh)
+    apply = PolicyValueApply.from_models(policy, value)
+    learner = parallel.ShardedJit(lambda params, opt_state, ppo_batch, ptx, r: ppo.ppo_update(
+        params, opt_state, ppo_batch, ptx, r, cfg=cfg, apply=apply, tx=tx, mesh=mesh), mesh)
+    iteration = ppo.make_ppo_iteration(
+        cfg, models=models, rollout_cfg=rollout_cfg, tx=tx, schedule=schedule, mesh=mesh,
+        state_shardings=shardings,
+        frozen_shardings={"reference": shardings.params, "reward": shardings.value_params})
+
+    trainable = state.trainable
+    ptx = ({k[4:]: v for k, v in gbatch.items() if k.startswith("ptx_")}
+           if cfg.use_ptx else None)
+    results, compiles = {}, {}
+    run_sampler = lambda: sampler(trainable["policy"], gbatch["prompt_tokens"],  # noqa: E731
+                                  gbatch["prompt_mask"], key)
+    compiles["sampler"] = compile_time(run_sampler)
+    results["sampler"] = best_time(run_sampler, FLAGS.repeats)
+    run_rollout = lambda: roll(trainable, frozen, gbatch["prompt_tokens"],  # noqa: E731
+                               gbatch["prompt_mask"], key, beta)
+    compiles["rollout"] = compile_time(run_rollout)
+    results["rollout"] = best_time(run_rollout, FLAGS.repeats)
+    ppo_batch, _ = run_rollout()
+    run_learner = lambda: learner(trainable, state.opt_state, ppo_batch, ptx, key)  # noqa: E731
+    compiles["learner"] = compile_time(run_learner)
+    results["learner"] = best_time(run_learner, FLAGS.repeats)
+
+    holder = {"state": state}
+
+    def run_iteration():
+        holder["state"], metrics = iteration(holder["state"], frozen, gbatch, key)
+        return metrics
+
+    compiles["iteration"] = compile_time(run_iteration)
+    results["iteration"] = best_time(run_iteration, FLAGS.repeats)
+
+    generated = B * N
+    learner_tokens = cfg.num_updates * cfg.minibatch_size * cfg.seq_len
+    print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}  model: {FLAGS.model} "
+          f"({model_cfg.num_params() / 1e6:.2f}M params, {FLAGS.compute_dtype})  batch {B}, "
+          f"prompt {P}, new tokens {N}, {cfg.ppo_epochs} epochs x {cfg.num_minibatches} "
+          f"minibatches, gamma_ptx {cfg.gamma_ptx}")
+    print(f"  sampler    {generated / results['sampler']:10.0f} generated tokens/s  "
+          f"({results['sampler']:.3f} s; compile {compiles['sampler']:.1f} s)")
+    print(f"  rollout    {generated / results['rollout']:10.0f} generated tokens/s  "
+          f"({results['rollout']:.3f} s incl. 4 scoring forward passes; compile "
+          f"{compiles['rollout']:.1f} s)")
+    print(f"  learner    {learner_tokens / results['learner']:10.0f} tokens/s through policy + "
+          f"value fwd+bwd ({results['learner']:.3f} s for {cfg.num_updates} updates; compile "
+          f"{compiles['learner']:.1f} s)")
+    print(f"  iteration  {results['iteration']:10.3f} s per PPO iteration "
+          f"(compile {compiles['iteration']:.1f} s)")
+    if FLAGS.hf:
+        if model_cfg.family != "gpt2":
+            raise SystemExit("error: the transformers comparison needs a GPT-2 preset")
+        try:
+            hf = hf_generate_time(model_cfg, prompts_BxP, N, FLAGS.repeats)
+        except ImportError as e:
+            raise SystemExit(f"error: {e}; pip install torch==2.13.0 transformers "
+                             "(or pass --nohf)") from None
+        import torch
+        import transformers
+        ratio = hf / results["sampler"]
+        print(f"  HF generate{generated / hf:10.0f} generated tokens/s  ({hf:.3f} s; torch "
+              f"{torch.__version__}, transformers {transformers.__version__}, "
+              f"{torch.get_num_threads()} threads)")
+        print(f"  ours / HF: {ratio:.2f}x faster ({'meets' if ratio >= 3 else 'MISSES'} the "
+              f"3x target)")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,173 @@
+"""A PPO / PPO-ptx run: models loaded from earlier stages, the generic train loop around
+the jitted iteration of `ppo.py`, checkpoints whose `params` are the policy."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.sharding import Mesh
+
+from instructjax import parallel
+from instructjax.config import ConfigError
+from instructjax.data.tokenizer import Tokenizer
+from instructjax.losses import (reduce_metrics)
+from instructjax.model.config import ModelConfig
+from instructjax.model.transformer import Transformer
+from instructjax.rlhf import rollout as rollout_lib
+from instructjax.train import checkpoint as ckpt_lib, loop, state as state_lib
+from instructjax.train.metrics import MetricsWriter
+
+from instructjax.rlhf.ppo import (VALUE_MODEL_CONFIG_FILE, PPOConfig, abstract_ppo_state,
+                                  init_ppo_state, make_optimizer, make_ppo_iteration,
+                                  rl_model_config)
+
+
+def load_value_model(workdir: str | Path, mesh: Mesh):
+    """(value model, value params) of a PPO workdir's latest checkpoint."""
+    cfg = ModelConfig(**json.loads((Path(workdir) / VALUE_MODEL_CONFIG_FILE).read_text()))
+    model = Transformer(cfg, head="scalar")
+    abstract, _ = state_lib.abstract_params(model, mesh)
+    manager_dir = Path(workdir).absolute() / "checkpoints"
+    manager = ocp.CheckpointManager(manager_dir, options=ocp.CheckpointManagerOptions(create=False))
+    if manager.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint under {manager_dir}")
+    item = {"value_params": abstract}
+    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=item, restore_args=jax.tree.map(
+            lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape,
+                                           dtype=s.dtype), item), partial_restore=True)))
+    manager.close()
+    return model, restored["state"]["value_params"]
+
+
+def _copy_run_files(cfg: PPOConfig, policy_cfg: ModelConfig, value_cfg: ModelConfig,
+                    argv: list[str]) -> None:
+    from instructjax.train.run import MODEL_CONFIG_FILE, TOKENIZER_FILE, library_versions
+    workdir = Path(cfg.workdir)
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(cfg.policy_from) / TOKENIZER_FILE, workdir / TOKENIZER_FILE)
+    ckpt_lib.write_json_atomic(workdir / "run_config.json", {
+        "config": dataclasses.asdict(cfg), "argv": list(argv), "versions": library_versions(),
+        "devices": [str(d) for d in jax.devices()[:8]], "device_count": jax.device_count(),
+        "process_count": jax.process_count()})
+    ckpt_lib.write_json_atomic(workdir / MODEL_CONFIG_FILE, dataclasses.asdict(policy_cfg))
+    ckpt_lib.write_json_atomic(workdir / VALUE_MODEL_CONFIG_FILE, dataclasses.asdict(value_cfg))
+
+
+class PPOMetricsWriter(MetricsWriter):
+    """The standard writer, plus a second progress line with the RL quantities."""
+
+    RL_KEYS = ("rollout/score", "rollout/kl", "rollout/beta", "rollout/response_length",
+               "rollout/ended", "policy_loss", "value_loss", "clipfrac", "approx_kl", "ptx_loss")
+
+    def progress(self, step: int, metrics: dict[str, float]) -> None:
+        super().progress(step, metrics)
+        shown = "  ".join(f"{k.rsplit('/', 1)[-1]}={metrics['train/' + k]:.4g}"
+                          for k in self.RL_KEYS if "train/" + k in metrics)
+        if self.enabled and shown:
+            logging.info("    %s", shown)
+
+
+def _check_sizes(cfg: PPOConfig, mesh: Mesh, policy_cfg: ModelConfig, value_cfg: ModelConfig,
+                 tokenizer: Tokenizer) -> None:
+    dp, hosts = parallel.data_parallel_size(mesh), jax.process_count()
+    if cfg.rollout_batch_size % dp or cfg.rollout_batch_size % hosts:
+        raise ConfigError(f"--rollout_batch_size ({cfg.rollout_batch_size}) must be divisible "
+                          f"by the data-parallel size {dp} of --mesh={cfg.mesh} and by the "
+                          f"{hosts} processes")
+    ptx_rows = cfg.num_updates * cfg.ptx_batch_size
+    if cfg.use_ptx and (ptx_rows % dp or ptx_rows % hosts):
+        raise ConfigError(f"the pretraining rows per iteration (ppo_epochs * num_minibatches * "
+                          f"--ptx_batch_size = {ptx_rows}) must be divisible by the "
+                          f"data-parallel size {dp} and by the {hosts} processes")
+    for name, mcfg in (("--policy_from", policy_cfg), ("--reward_from", value_cfg)):
+        if cfg.seq_len > mcfg.max_len:
+            raise ConfigError(f"--max_prompt_len + --max_new_tokens ({cfg.seq_len}) exceeds the "
+                              f"max_len {mcfg.max_len} of the {name} model")
+        if tokenizer.vocab_size > mcfg.vocab_size:
+            raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the "
+                              f"{name} model's vocab_size is {mcfg.vocab_size}")
+    if cfg.use_ptx and cfg.ptx_seq_len > policy_cfg.max_len:
+        raise ConfigError(f"--ptx_seq_len ({cfg.ptx_seq_len}) exceeds the policy's max_len "
+                          f"{policy_cfg.max_len}")
+
+
+def _same_tokenizer(cfg: PPOConfig) -> None:
+    from instructjax.train.run import TOKENIZER_FILE
+    mine, theirs = Path(cfg.policy_from) / TOKENIZER_FILE, Path(cfg.reward_from) / TOKENIZER_FILE
+    for path in (mine, theirs):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: is {path.parent} the workdir of a "
+                                    "finished run?")
+    if mine.read_bytes() != theirs.read_bytes():
+        raise ConfigError(f"--policy_from and --reward_from use different tokenizers ({mine} vs "
+                          f"{theirs}); the reward model must read the policy's tokens")
+
+
+def train_ppo(cfg: PPOConfig, argv: list[str] = ()) -> dict[str, float]:
+    """Runs (or resumes) PPO / PPO-ptx; returns the last iteration's metrics."""
+    from instructjax.train.run import TOKENIZER_FILE, load_model_config
+    _same_tokenizer(cfg)
+    policy_cfg = load_model_config(cfg.policy_from)
+    value_cfg = load_model_config(cfg.reward_from)
+    mesh = parallel.make_mesh(cfg.mesh)
+    tokenizer = Tokenizer.load(Path(cfg.policy_from) / TOKENIZER_FILE)
+    _check_sizes(cfg, mesh, policy_cfg, value_cfg, tokenizer)
+    inputs = rollout_lib.make_inputs(cfg, tokenizer)
+    _copy_run_files(cfg, policy_cfg, value_cfg, list(argv))
+
+    policy = Transformer(rl_model_config(policy_cfg, compute_dtype=cfg.compute_dtype,
+                                         remat=cfg.remat))
+    value = Transformer(rl_model_config(value_cfg, compute_dtype=cfg.compute_dtype,
+                                        remat=cfg.remat), head="scalar")
+    models = rollout_lib.RolloutModels(policy=policy, value=value, reward=value)
+    rollout_cfg = cfg.rollout_config(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    tx, schedule = make_optimizer(cfg)
+    abstract, shardings = abstract_ppo_state(policy, value, tx, mesh, cfg.init_kl_coef)
+    # Each restore makes new buffers: the donated state never aliases the frozen params.
+    frozen = {"reference": ckpt_lib.restore_params(cfg.policy_from, abstract.params),
+              "reward": ckpt_lib.restore_params(cfg.reward_from, abstract.value_params)}
+    frozen_shardings = {"reference": shardings.params, "reward": shardings.value_params}
+
+    def fresh_state():
+        logging.info("starting PPO from policy %s and reward model %s", cfg.policy_from,
+                     cfg.reward_from)
+        return init_ppo_state(ckpt_lib.restore_params(cfg.policy_from, abstract.params),
+                              ckpt_lib.restore_params(cfg.reward_from, abstract.value_params),
+                              tx, shardings, mesh, cfg.init_kl_coef)
+
+    checkpointer = ckpt_lib.Checkpointer(Path(cfg.workdir) / "checkpoints",
+                                         keep=cfg.keep_checkpoints)
+    state = loop.resume_or_init(checkpointer, abstract, fresh_state, inputs)
+    iteration = make_ppo_iteration(cfg, models=models, rollout_cfg=rollout_cfg, tx=tx,
+                                   schedule=schedule, mesh=mesh, state_shardings=shardings,
+                                   frozen_shardings=frozen_shardings)
+    last: dict[str, Any] = {}
+
+    def train_step(state, batch, base_rng):
+        state, metrics = iteration(state, frozen, batch, base_rng)
+        last["metrics"] = metrics
+        return state, metrics
+
+    writer = PPOMetricsWriter(cfg.workdir, total_steps=cfg.iterations)
+    seed_key = jax.random.key(cfg.seed)
+    try:
+        state = loop.train_loop(state, cfg=cfg.loop_config(), train_step=train_step,
+                                base_rng=jax.random.fold_in(seed_key, 2), data_iter=inputs,
+                                mesh=mesh, checkpointer=checkpointer, writer=writer)
+    finally:
+        writer.close()
+        checkpointer.close()
+    final = {f"train/{k}": v for k, v in
+             reduce_metrics(jax.device_get(last.get("metrics", {}))).items()}
+    ckpt_lib.write_json_atomic(Path(cfg.workdir) / "final_eval.json",
+                               {"step": int(state.step), **final})
+    return final
