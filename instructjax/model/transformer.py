@@ -113,23 +113,25 @@ class Attention(nn.Module):
             q_BxTxHxF = rope(q_BxTxHxF, positions_BxT, cfg.rope_theta)
             k_BxTxKxF = rope(k_BxTxKxF, positions_BxT, cfg.rope_theta)
 
-        new_cache = None
-        if layer_cache is not None:
-            start = (0, cache_index, 0, 0)
-            k_BxSxKxF = jax.lax.dynamic_update_slice(
-                layer_cache["k"], k_BxTxKxF.astype(layer_cache["k"].dtype), start)
-            v_BxSxKxF = jax.lax.dynamic_update_slice(
-                layer_cache["v"], v_BxTxKxF.astype(layer_cache["v"].dtype), start)
-            new_cache = {"k": k_BxSxKxF, "v": v_BxSxKxF}
-            k_BxTxKxF, v_BxTxKxF = k_BxSxKxF.astype(dtype), v_BxSxKxF.astype(dtype)
-
         B, T = q_BxTxHxF.shape[:2]
         q_BxTxKxGxF = q_BxTxHxF.reshape(B, T, K, H // K, F)
-        scores = jnp.einsum("btkgf,bskf->bkgts", q_BxTxKxGxF, k_BxTxKxF,
+        # Keys and values as [B, K, S, F], the cache's layout: a decode step writes its T
+        # slots and reads the cache without transposing all of it.
+        k_BxKxSxF, v_BxKxSxF = k_BxTxKxF.swapaxes(1, 2), v_BxTxKxF.swapaxes(1, 2)
+        new_cache = None
+        if layer_cache is not None:
+            start = (0, 0, cache_index, 0)
+            k_BxKxSxF = jax.lax.dynamic_update_slice(
+                layer_cache["k"], k_BxKxSxF.astype(layer_cache["k"].dtype), start)
+            v_BxKxSxF = jax.lax.dynamic_update_slice(
+                layer_cache["v"], v_BxKxSxF.astype(layer_cache["v"].dtype), start)
+            new_cache = {"k": k_BxKxSxF, "v": v_BxKxSxF}
+            k_BxKxSxF, v_BxKxSxF = k_BxKxSxF.astype(dtype), v_BxKxSxF.astype(dtype)
+        scores = jnp.einsum("btkgf,bksf->bkgts", q_BxTxKxGxF, k_BxKxSxF,
                             preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(F))
         scores = jnp.where(mask_BxTxS[:, None, None], scores, MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        out_BxTxKxGxF = jnp.einsum("bkgts,bskf->btkgf", probs, v_BxTxKxF)
+        out_BxTxKxGxF = jnp.einsum("bkgts,bksf->btkgf", probs, v_BxKxSxF)
         out_BxTxHxF = _constrain(out_BxTxKxGxF.reshape(B, T, H, F),
                                  ("batch", "length", "act_heads", "head_dim"))
         out_BxTxD = Projection((cfg.d_model,), ("heads", "head_dim", "embed"), bias,
@@ -246,7 +248,7 @@ class Transformer(nn.Module):
 
 def init_cache(cfg: ModelConfig, batch_size: int, cache_len: int) -> Cache:
     """An empty KV cache: every slot has segment id 0 (padding) until written."""
-    shape = (batch_size, cache_len, cfg.n_kv_heads, cfg.resolved_head_dim)
+    shape = (batch_size, cfg.n_kv_heads, cache_len, cfg.resolved_head_dim)
     dtype = dtype_of(cfg)
     return {"segment_ids": jnp.zeros((batch_size, cache_len), jnp.int32),
             "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
