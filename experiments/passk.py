@@ -171,9 +171,7 @@ def run(ks, sandbox_cfg, sample_cfg, argv_for_record: list[str]) -> None:
                 t: s["ranking_pass_at_1"] for t, s in summaries.items()},
             "runs": {t: f"temperature_{t}" for t in summaries},
             "skipped_problems": len(skipped),
-            "sandbox": {"mode": sandbox_cfg.mode, "timeout_s": sandbox_cfg.timeout_s,
-                        "memory_mb": sandbox_cfg.memory_mb, "workers": sandbox_cfg.workers},
-            "machine": evaluate.machine_info(sandbox_cfg.mode),
+            **evaluate.settings_record(sandbox_cfg),
             "argv": argv_for_record})
         if any(curves.values()):
             ranking.plot_passk_vs_k(curves, out / "passk_vs_k.png")

@@ -58,6 +58,13 @@ def machine_info(sandbox_mode: str) -> dict:
             "python": sys.version.split()[0], "sandbox_mode": sandbox_mode}
 
 
+def settings_record(sandbox_cfg) -> dict:
+    """The sandbox settings and the machine, as every summary records them."""
+    return {"sandbox": {"mode": sandbox_cfg.mode, "timeout_s": sandbox_cfg.timeout_s,
+                        "memory_mb": sandbox_cfg.memory_mb, "workers": sandbox_cfg.workers},
+            "machine": machine_info(sandbox_cfg.mode)}
+
+
 def score(evaluator, sandbox_cfg, problems: dict, samples: list, ks: tuple[int, ...],
           out: Path, extra: dict | None = None, progress=None) -> dict:
     """Runs every sample's tests; writes results.jsonl and summary.json into `out`."""
@@ -81,9 +88,7 @@ def score(evaluator, sandbox_cfg, problems: dict, samples: list, ks: tuple[int, 
     summary = passk.summarize([r.task_id for r in results], [r.label for r in results], ks,
                               all_labels=sandbox.LABELS)
     summary.update({
-        "sandbox": {"mode": sandbox_cfg.mode, "timeout_s": sandbox_cfg.timeout_s,
-                    "memory_mb": sandbox_cfg.memory_mb, "workers": sandbox_cfg.workers},
-        "machine": machine_info(sandbox_cfg.mode),
+        **settings_record(sandbox_cfg),
         "eval_seconds": round(elapsed, 2),
     })
     if all(s.sum_logprob is not None and s.mean_logprob is not None for s in samples):

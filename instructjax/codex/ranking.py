@@ -12,12 +12,12 @@ returns pass@1 averaged over problems when exactly one sample per problem is sub
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from instructjax.data.jsonl import atomic_output
 
 
 def _check(passed: Sequence, scores: Sequence | None = None) -> list[np.ndarray]:
@@ -121,15 +121,8 @@ def plot_passk_vs_k(curves: Mapping[float, Mapping[int, float]], path: str | Pat
     fig.tight_layout()
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_output(path, "wb") as f:
+        fig.savefig(f, format="png")
     return path
 
 

@@ -70,14 +70,15 @@ def read_jsonl(path: str | Path, *, required: dict[str, type]) -> Iterator[tuple
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator:
-    """A text file that appears at `path` only once it is complete: written to a temporary
-    file in the same directory and renamed into place; removed on any error."""
+def atomic_output(path: str | Path, mode: str = "w") -> Iterator:
+    """A file ("w" text, "wb" bytes) that appears at `path` only once it is complete:
+    written to a temporary file in the same directory and renamed into place; removed on
+    any error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
         os.replace(tmp, path)
     except BaseException:

@@ -45,10 +45,11 @@ def _tasks(prompt_file: str | Path, limit: int) -> list[dict]:
     return tasks[:limit] if limit else tasks
 
 
-def sample_response_sets(policy_dir, tasks: list[dict], *, cfg: ComparisonConfig, mesh,
+def sample_response_sets(policy, tasks: list[dict], *, cfg: ComparisonConfig, mesh,
                          rng: jax.Array) -> list[list[str]]:
-    """K in [k_min, k_max] (drawn per prompt) sampled responses for each task."""
-    model, params, tokenizer = load_trained(policy_dir, mesh)
+    """K in [k_min, k_max] (drawn per prompt) sampled responses for each task from
+    `policy` = (model, params, tokenizer)."""
+    model, params, tokenizer = policy
     draw = random.Random(f"k-{cfg.seed}")
     sizes = [draw.randint(cfg.k_min, cfg.k_max) for _ in tasks]
     prompts = [t["prompt"] for t, k in zip(tasks, sizes) for _ in range(k)]
@@ -72,10 +73,11 @@ def make_comparisons(policy_dir, prompt_files: dict[str, str | Path], out_dir: s
     out_dir = Path(out_dir)
     key = jax.random.key(cfg.seed)
     stats: dict = {"config": dataclasses.asdict(cfg), "policy": str(policy_dir)}
+    policy = load_trained(policy_dir, mesh)
     samples = {}
     for i, split in enumerate(("train", "eval")):
         tasks = _tasks(prompt_files[split], num_prompts[split])
-        samples[split] = tasks, sample_response_sets(policy_dir, tasks, cfg=cfg, mesh=mesh,
+        samples[split] = tasks, sample_response_sets(policy, tasks, cfg=cfg, mesh=mesh,
                                                      rng=jax.random.fold_in(key, i))
     # How often labelers agree depends on the responses they compare: the noise is set on
     # these samples so that two training labelers agree on ~73% of pairs (InstructGPT).

@@ -17,6 +17,9 @@ from instructjax.data.tokenizer import Tokenizer
 from instructjax.sampling import SamplingConfig, left_pad, sample
 
 
+_sample = jax.jit(sample, static_argnames=("model", "cfg"))  # one compile per shape and config
+
+
 @dataclasses.dataclass(frozen=True)
 class Generation:
     prompt: str
@@ -42,7 +45,6 @@ def generate(params, model, tokenizer: Tokenizer, prompts: list[str], *,
         if len(ids) > limit:
             raise ValueError(f"prompt of {len(ids)} tokens exceeds the {limit} that fit the "
                              f"context with {sampling.max_new_tokens} new tokens: {prompt[:80]!r}")
-    sample_fn = jax.jit(sample, static_argnames=("model", "cfg"))
     outputs: list[Generation] = []
     sharding = parallel.batch_sharding(mesh)
     for start in range(0, len(prompts), batch_size):
@@ -50,7 +52,7 @@ def generate(params, model, tokenizer: Tokenizer, prompts: list[str], *,
         rows = chunk + [[tokenizer.eos_id]] * (batch_size - len(chunk))
         width = -(-max(len(r) for r in rows) // pad_to) * pad_to
         tokens_BxP, mask_BxP = left_pad(rows, tokenizer.pad_id, width)
-        out = sample_fn(params, jax.device_put(tokens_BxP, sharding),
+        out = _sample(params, jax.device_put(tokens_BxP, sharding),
                         jax.device_put(mask_BxP, sharding),
                         jax.random.fold_in(rng, start), model=model, cfg=sampling)
         out = jax.device_get(out)
