@@ -21,9 +21,9 @@ COMMON = ["--model=tiny", "--vocab_size=512", "--batch_size=8", "--log_every=2",
           "--world_eval=20", "--world_prompts=20", "--host_devices=4"]
 
 
-def _run(*args):
+def _run(*args, common=COMMON):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, "-m", *args, *COMMON], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", *args, *common], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -46,6 +46,18 @@ def test_reward_model_trains_and_is_normalised(tmp_path):
     data = tmp_path / "data"
     _run("experiments.pretrain", f"--workdir={tmp_path / 'lm'}", f"--data_dir={data}",
          "--steps=4", "--seq_len=64", "--checkpoint_every=4", "--eval_every=4", "--eval_batches=1")
+    # The comparisons stage on the world's prompts: K in [4, 9] samples, each ranked.
+    _run("experiments.comparisons", f"--policy_from={tmp_path / 'lm'}", f"--data_dir={data}",
+         "--train_prompts=6", "--eval_prompts=3", "--max_new_tokens=6", common=[])
+    for split, n in (("train", 6), ("eval", 3)):
+        rows = [json.loads(line) for line in (data / f"comparisons_{split}.jsonl").open()]
+        assert len(rows) == n
+        for row in rows:
+            assert 4 <= len(row["responses"]) <= 9
+            assert sorted(row["ranking"]) == list(range(len(row["responses"])))
+            assert row["labeler"].startswith("train" if split == "train" else "heldout")
+    assert "labeler_agreement" in json.loads((data / "comparisons_stats.json").read_text())["eval"]
+
     train, heldout = tmp_path / "cmp_train.jsonl", tmp_path / "cmp_eval.jsonl"
     _comparisons(train, 64, seed=0)
     with open(heldout, "w") as f:  # HH-RLHF's pairwise format loads as K = 2
