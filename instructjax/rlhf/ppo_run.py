@@ -10,23 +10,21 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import Mesh
 
 from instructjax import parallel
 from instructjax.config import ConfigError
 from instructjax.data.tokenizer import Tokenizer
-from instructjax.losses import (reduce_metrics)
+from instructjax.losses import reduce_metrics
 from instructjax.model.config import ModelConfig
 from instructjax.model.transformer import Transformer
 from instructjax.rlhf import rollout as rollout_lib
-from instructjax.train import checkpoint as ckpt_lib, loop, state as state_lib
-from instructjax.train.metrics import MetricsWriter
-
 from instructjax.rlhf.ppo import (VALUE_MODEL_CONFIG_FILE, PPOConfig, abstract_ppo_state,
                                   init_ppo_state, make_optimizer, make_ppo_iteration,
                                   rl_model_config)
+from instructjax.train import checkpoint as ckpt_lib, loop, state as state_lib
+from instructjax.train.metrics import MetricsWriter
 
 
 def load_value_model(workdir: str | Path, mesh: Mesh):
@@ -34,17 +32,7 @@ def load_value_model(workdir: str | Path, mesh: Mesh):
     cfg = ModelConfig(**json.loads((Path(workdir) / VALUE_MODEL_CONFIG_FILE).read_text()))
     model = Transformer(cfg, head="scalar")
     abstract, _ = state_lib.abstract_params(model, mesh)
-    manager_dir = Path(workdir).absolute() / "checkpoints"
-    manager = ocp.CheckpointManager(manager_dir, options=ocp.CheckpointManagerOptions(create=False))
-    if manager.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint under {manager_dir}")
-    item = {"value_params": abstract}
-    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item=item, restore_args=jax.tree.map(
-            lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape,
-                                           dtype=s.dtype), item), partial_restore=True)))
-    manager.close()
-    return model, restored["state"]["value_params"]
+    return model, ckpt_lib.restore_params(workdir, abstract, field="value_params")
 
 
 def _copy_run_files(cfg: PPOConfig, policy_cfg: ModelConfig, value_cfg: ModelConfig,

@@ -53,10 +53,11 @@ class Checkpointer:
         self._manager.close()
 
 
-def restore_params(workdir: str | Path, abstract_params: Any) -> Any:
+def restore_params(workdir: str | Path, abstract_params: Any, *, field: str = "params") -> Any:
     """Final params of an earlier stage's run (its latest checkpoint), onto given shardings.
 
-    Only the `params` subtree is read; the optimiser state of the earlier run is skipped.
+    Only the state's `field` subtree is read (a PPO run also keeps `value_params`); the
+    optimiser state of the earlier run is skipped.
     """
     directory = Path(workdir).absolute() / "checkpoints"
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
@@ -64,14 +65,14 @@ def restore_params(workdir: str | Path, abstract_params: Any) -> Any:
     if step is None:
         raise FileNotFoundError(
             f"--init_from={workdir}: no checkpoint under {directory}; run that stage first")
-    item = {"params": abstract_params}
+    item = {field: abstract_params}
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(item=item, restore_args=jax.tree.map(
             lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape,
                                            dtype=s.dtype), item),
             partial_restore=True)))
     manager.close()
-    return restored["state"]["params"]
+    return restored["state"][field]
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
