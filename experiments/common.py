@@ -49,6 +49,11 @@ flags.DEFINE_integer("steps", 1000, "Optimiser steps.")
 flags.DEFINE_integer("batch_size", 32, "Global batch size in sequences.")
 flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.")
 flags.DEFINE_integer("grad_accum_steps", 1, "Micro-batches per optimiser step.")
+flags.DEFINE_float("rm_center_coef", 0.0, "Reward model: weight of (mean reward of a "
+                   "prompt's responses)^2 in the loss, which keeps per-prompt offsets small.")
+flags.DEFINE_integer("pack_rows", 0, "Reward model: pack the responses of up to --batch_size "
+                     "prompts into this many rows of --seq_len (global); 0 = one padded row "
+                     "per response.")
 flags.DEFINE_integer("seed", 0, "The one seed; every random stream derives from it.")
 flags.DEFINE_integer("log_every", 10, "Steps between metric lines.")
 flags.DEFINE_integer("eval_every", 100, "Steps between evaluations.")
@@ -118,6 +123,7 @@ def run_config_from_flags(task: str) -> config_lib.RunConfig:
         workdir=FLAGS.workdir,
         mesh=FLAGS.mesh,
         init_from=FLAGS.init_from,
+        rm_center_coef=FLAGS.rm_center_coef,
         model=model_config_from_flags(),
         optim=config_lib.OptimConfig(
             learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
@@ -129,7 +135,7 @@ def run_config_from_flags(task: str) -> config_lib.RunConfig:
             grad_accum_steps=FLAGS.grad_accum_steps, seed=FLAGS.seed, log_every=FLAGS.log_every,
             eval_every=FLAGS.eval_every, eval_batches=FLAGS.eval_batches,
             checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
-            peak_flops_per_device=FLAGS.peak_flops_per_device),
+            peak_flops_per_device=FLAGS.peak_flops_per_device, pack_rows=FLAGS.pack_rows),
         data=config_lib.DataConfig(
             data_dir=FLAGS.data_dir or os.path.join(FLAGS.workdir, "data"),
             world_seed=FLAGS.world_seed, train_files=tuple(FLAGS.train_files),

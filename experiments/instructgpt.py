@@ -1,11 +1,11 @@
 """The InstructGPT pipeline on the embedded world, stage by stage:
 
-  pretrain -> SFT -> report (held-out losses, gold-judged samples of base vs SFT)
+  pretrain -> SFT -> comparisons (K samples per prompt, ranked by simulated labelers)
+  -> reward model -> PPO and PPO-ptx (and DPO on the same comparisons) -> evaluation
 
-Each stage runs as its own experiment script in a subprocess with its own flagfile and
-workdir under --workdir; a stage whose final evaluation exists is skipped, and an
-interrupted stage resumes from its checkpoint. Later stages (comparisons, reward model,
-PPO, PPO-ptx) are added here as they land.
+Each stage runs as its own experiment script in a subprocess with its own flagfile; a stage
+whose final output exists is skipped, and an interrupted stage resumes from its checkpoint.
+A stage whose flagfile flag is empty is left out (with the stages that need it).
 
   python -m experiments.instructgpt --flagfile=experiments/configs/demo.flags
 """
@@ -25,25 +25,64 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Root directory; each stage gets a subdirectory.")
 flags.DEFINE_string("pretrain_flags", None, "Flagfile of the pretraining stage.")
 flags.DEFINE_string("sft_flags", None, "Flagfile of the SFT stage.")
+flags.DEFINE_string("comparisons_flags", "", "Flagfile of the comparisons stage.")
+flags.DEFINE_string("reward_flags", "", "Flagfile of the reward-model stage.")
+flags.DEFINE_string("ppo_flags", "", "Flagfile of the PPO stage (no pretraining mix).")
+flags.DEFINE_string("ppo_ptx_flags", "", "Flagfile of the PPO-ptx stage.")
+flags.DEFINE_string("dpo_flags", "", "Flagfile of the DPO stage.")
 flags.DEFINE_integer("report_prompts", 128, "Held-out prompts sampled for the report.")
 flags.DEFINE_integer("report_seq_len", 128, "Sequence length for held-out losses in the report.")
+flags.DEFINE_float("report_temperature", 1.0, "Sampling temperature of every model in the "
+                   "report (the policies were optimised at the rollout temperature).")
 flags.DEFINE_string("mesh", "data:1,fsdp:-1,tensor:1", "Mesh for the report stage.")
 
 
-def run_stage(name: str, module: str, flagfile: str, workdir: Path, extra: list[str]) -> None:
-    if (workdir / "final_eval.json").exists():
-        logging.info("stage %s: done already (%s), skipping", name, workdir)
-        return
-    if not flagfile or not Path(flagfile).exists():
+def run_stage(name: str, module: str, flagfile: str, done: Path, args: list[str]) -> bool:
+    """Runs one stage unless `done` exists; False when the stage is not configured."""
+    if done.exists():
+        logging.info("stage %s: done already (%s), skipping", name, done)
+        return True
+    if not flagfile:
+        logging.info("stage %s: no --%s_flags, left out", name, name)
+        return False
+    if not Path(flagfile).exists():
         raise SystemExit(f"error: --{name}_flags={flagfile!r} does not name a flagfile")
-    cmd = [sys.executable, "-m", module, f"--flagfile={flagfile}", f"--workdir={workdir}", *extra]
+    cmd = [sys.executable, "-m", module, f"--flagfile={flagfile}", *args]
     logging.info("stage %s: %s", name, " ".join(cmd))
     start = time.time()
     result = subprocess.run(cmd)
     if result.returncode != 0:
         raise SystemExit(f"error: stage {name} failed (exit {result.returncode}); its output is "
-                         f"above and its workdir is {workdir}. Rerun to resume.")
+                         f"above. Rerun to resume.")
     logging.info("stage %s: finished in %.0f s", name, time.time() - start)
+    return True
+
+
+def run_stages(root: Path) -> dict[str, Path]:
+    """Every configured stage in order; returns the workdirs of the policies to evaluate."""
+    data = root / "data"
+    d = {name: root / name for name in ("pretrain", "sft", "reward", "ppo", "ppo_ptx", "dpo")}
+
+    def train(name, module, extra):
+        return run_stage(name, module, getattr(FLAGS, f"{name}_flags"),
+                         d[name] / "final_eval.json",
+                         [f"--workdir={d[name]}", f"--data_dir={data}", *extra])
+
+    train("pretrain", "experiments.pretrain", [])
+    train("sft", "experiments.sft", [f"--init_from={d['pretrain']}"])
+    policies = {"base": d["pretrain"], "sft": d["sft"]}
+    if not run_stage("comparisons", "experiments.comparisons", FLAGS.comparisons_flags,
+                     data / "comparisons_stats.json",
+                     [f"--policy_from={d['sft']}", f"--data_dir={data}"]):
+        return policies
+    if train("reward", "experiments.reward", [f"--init_from={d['sft']}"]):
+        for name in ("ppo", "ppo_ptx"):
+            if train(name, "experiments.ppo", [f"--policy_from={d['sft']}",
+                                               f"--reward_from={d['reward']}"]):
+                policies[name] = d[name]
+    if train("dpo", "experiments.dpo", [f"--init_from={d['sft']}"]):
+        policies["dpo"] = d["dpo"]
+    return policies
 
 
 def main(argv):
@@ -53,29 +92,22 @@ def main(argv):
         raise app.UsageError("--workdir is required")
     quiet_library_logs()
     root = Path(FLAGS.workdir)
-    data = root / "data"
-    run_stage("pretrain", "experiments.pretrain", FLAGS.pretrain_flags, root / "pretrain",
-              [f"--data_dir={data}"])
-    run_stage("sft", "experiments.sft", FLAGS.sft_flags, root / "sft",
-              [f"--data_dir={data}", f"--init_from={root / 'pretrain'}"])
+    policies = run_stages(root)
 
     # JAX starts only now, after the stage subprocesses.
     from instructjax import parallel
-    from instructjax.data.jsonl import atomic_output, write_json_atomic
-    from instructjax.rlhf import evaluate
-    mesh = parallel.make_mesh(FLAGS.mesh)
-    sft_eval = data / "sft_eval.jsonl"
-    reports = evaluate.compare_models(
-        {"base": root / "pretrain", "sft": root / "sft"}, sft_eval, mesh=mesh, data_dir=data,
-        seq_len=FLAGS.report_seq_len, num_prompts=FLAGS.report_prompts)
-    table = evaluate.format_report(reports, sft_eval)
-    print(table)
-    summary = {r.name: {"heldout_sft_loss": r.heldout_loss, "gold_accuracy": r.gold_accuracy,
-                        "mean_gold_score": r.mean_gold_score} for r in reports}
-    write_json_atomic(root / "report.json", summary)
-    with atomic_output(root / "report.txt") as f:
-        f.write(table + "\n")
-    logging.info("report written to %s", root / "report.txt")
+    from instructjax.rlhf import evaluate, plots
+    start = time.time()
+    results = evaluate.evaluate_policies(
+        policies, data_dir=root / "data", mesh=parallel.make_mesh(FLAGS.mesh), reference="sft",
+        prompted=("base",), num_prompts=FLAGS.report_prompts,
+        temperature=FLAGS.report_temperature, pretrain_seq_len=FLAGS.report_seq_len)
+    print(evaluate.format_table(results))
+    written = evaluate.write_results(results, root)
+    ppo_runs = {name: policies[name] for name in ("ppo", "ppo_ptx") if name in policies}
+    written.update(plots.write_all(results, ppo_runs, root))
+    logging.info("evaluation (%.0f s) written: %s", time.time() - start,
+                 ", ".join(str(p) for p in written.values()))
 
 
 if __name__ == "__main__":

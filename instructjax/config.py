@@ -61,6 +61,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     peak_flops_per_device: float = 0.0  # for MFU; 0 = look the device kind up
+    # Reward task: 0 = the padded [batch_size, 9, seq_len] layout; > 0 = pack the responses
+    # of up to batch_size prompts into pack_rows rows of seq_len (far less padding).
+    pack_rows: int = 0
 
     def __post_init__(self):
         _require(self.steps > 0, f"--steps must be > 0, got {self.steps}")
@@ -72,6 +75,10 @@ class TrainConfig:
         for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
             _require(getattr(self, name) > 0, f"--{name} must be > 0")
         _require(self.eval_batches >= 0, "--eval_batches must be >= 0")
+        _require(self.pack_rows >= 0, "--pack_rows must be >= 0")
+        _require(not (self.pack_rows and self.grad_accum_steps > 1),
+                 "--pack_rows does not combine with --grad_accum_steps > 1 (a packed batch "
+                 "cannot be split by rows); lower --batch_size and --pack_rows instead")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -111,6 +118,7 @@ class RunConfig:
     data: DataConfig
     mesh: str = "data:1,fsdp:-1,tensor:1"
     init_from: str = ""  # workdir of an earlier stage whose final params start this run
+    rm_center_coef: float = 0.0  # reward task: losses.RankingLossConfig.center_coef
 
     def __post_init__(self):
         _require(self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}")

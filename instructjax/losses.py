@@ -106,8 +106,17 @@ def _pair(total, weight) -> tuple[jax.Array, jax.Array]:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RankingLossConfig:
-    """InstructGPT reward-model loss over K-way rankings (no hyperparameters: the reward bias
-    that centres SFT outputs at 0 is fitted after training, by the RM trainer)."""
+    """InstructGPT reward-model loss over K-way rankings. The pairwise loss leaves each
+    prompt's mean reward free, so an RM can carry large per-prompt offsets that PPO's value
+    function must then learn before advantages mean anything; center_coef > 0 adds
+    center_coef * (mean_k r_bk)^2 per prompt to pull them to 0 (TRL's
+    center_rewards_coefficient, K-way). The bias that centres SFT outputs at 0 overall is
+    fitted after training, by the RM trainer."""
+    center_coef: float = 0.0
+
+    def __post_init__(self):
+        if self.center_coef < 0:
+            raise ValueError(f"--rm_center_coef must be >= 0, got {self.center_coef}")
 
 
 def reward_ranking_loss(params, batch: Mapping[str, jax.Array], rng, *, apply,
@@ -117,20 +126,28 @@ def reward_ranking_loss(params, batch: Mapping[str, jax.Array], rng, *, apply,
     batch: tokens_BxKxT, positions_BxKxT, segment_ids_BxKxT (prompt + response_k + EOS,
     right-padded, segment 0 = pad), rank_BxK (0 = best), valid_BxK (padding responses 0).
     `apply` runs a head='scalar' model. ONE forward pass over the [B*K, T] reshape; the reward
-    r_bk is the output at the last real token of response k.
+    r_bk is the output at the last real token of response k. Or the packed layout
+    tokens/positions/segment_ids_RxT + reward_index_BxK (flat index of each response's last
+    token): one forward pass over the packed rows.
 
         P_b      = {(w, l) : valid_bw, valid_bl, rank_bw < rank_bl}     (ties give no pair)
         loss_b   = 1/|P_b| * sum_{(w,l) in P_b} -log sigmoid(r_bw - r_bl)
+                   + center_coef * (mean_{k valid} r_bk)^2
         loss_sum = sum_b loss_b,   denominator = #{b : |P_b| > 0}
 
     so every prompt weighs the same whatever its K (the paper's 1/C(K,2) normalisation), and
     prompts that are pure batch padding (no valid pair) count for nothing."""
-    tokens_BxKxT = batch["tokens_BxKxT"]
-    B, K, T = tokens_BxKxT.shape
-    segment_ids_BKxT = batch["segment_ids_BxKxT"].reshape(B * K, T)
-    values_BKxT = apply(params, tokens_BxKxT.reshape(B * K, T),
-                        batch["positions_BxKxT"].reshape(B * K, T), segment_ids_BKxT, rng)
-    reward_BxK = rl_ops.last_token_values(values_BKxT, segment_ids_BKxT != 0).reshape(B, K)
+    if "reward_index_BxK" in batch:  # packed layout (data/comparison_packing.py)
+        segment_ids = batch["segment_ids_RxT"]
+        values_RxT = apply(params, batch["tokens_RxT"], batch["positions_RxT"], segment_ids, rng)
+        reward_BxK = values_RxT.reshape(-1)[batch["reward_index_BxK"]]
+    else:
+        tokens_BxKxT = batch["tokens_BxKxT"]
+        B, K, T = tokens_BxKxT.shape
+        segment_ids = batch["segment_ids_BxKxT"].reshape(B * K, T)
+        values_BKxT = apply(params, tokens_BxKxT.reshape(B * K, T),
+                            batch["positions_BxKxT"].reshape(B * K, T), segment_ids, rng)
+        reward_BxK = rl_ops.last_token_values(values_BKxT, segment_ids != 0).reshape(B, K)
 
     valid_BxK = batch["valid_BxK"].astype(bool)
     rank_BxK = batch["rank_BxK"]
@@ -139,9 +156,13 @@ def reward_ranking_loss(params, batch: Mapping[str, jax.Array], rng, *, apply,
     margin_BxKxK = reward_BxK[:, :, None] - reward_BxK[:, None, :]
     n_pairs_B = jnp.sum(pair_BxKxK, axis=(1, 2))
     pair_loss_B = jnp.sum(-jax.nn.log_sigmoid(margin_BxKxK) * pair_BxKxK, axis=(1, 2))
-    loss_sum = jnp.sum(pair_loss_B / jnp.maximum(n_pairs_B, 1.0))
-    denominator = jnp.sum((n_pairs_B > 0).astype(jnp.float32))
+    has_pairs_B = (n_pairs_B > 0).astype(jnp.float32)
     valid_f = valid_BxK.astype(jnp.float32)
+    mean_reward_B = jnp.sum(reward_BxK * valid_f, 1) / jnp.maximum(jnp.sum(valid_f, 1), 1.0)
+    loss_B = (pair_loss_B / jnp.maximum(n_pairs_B, 1.0)
+              + cfg.center_coef * jnp.square(mean_reward_B) * has_pairs_B)
+    loss_sum = jnp.sum(loss_B)
+    denominator = jnp.sum(has_pairs_B)
     # Identical responses get identical rewards: no preference to get right, so accuracy
     # leaves them out, as the labelers' agreement does.
     decided_BxKxK = pair_BxKxK * (margin_BxKxK != 0)
@@ -150,7 +171,7 @@ def reward_ranking_loss(params, batch: Mapping[str, jax.Array], rng, *, apply,
         "accuracy": _pair(jnp.sum((margin_BxKxK > 0) * pair_BxKxK), jnp.sum(decided_BxKxK)),
         "reward_mean": _pair(jnp.sum(reward_BxK * valid_f), jnp.sum(valid_f)),
         "reward_margin": _pair(jnp.sum(margin_BxKxK * pair_BxKxK), jnp.sum(n_pairs_B)),
-        "tokens": _pair(jnp.sum(segment_ids_BKxT != 0), 1.0),
+        "tokens": _pair(jnp.sum(segment_ids != 0), 1.0),
     }
 
 
@@ -209,6 +230,8 @@ def dpo_loss(params, batch: Mapping[str, jax.Array], rng, *, apply, cfg: DPOLoss
         "reward_chosen": _pair(jnp.sum(reward_c_B), n),
         "reward_rejected": _pair(jnp.sum(reward_r_B), n),
         "reward_margin": _pair(jnp.sum(logits_B), n),
+        "tokens": _pair(jnp.sum(batch["chosen_segment_ids_BxT"] != 0)
+                        + jnp.sum(batch["rejected_segment_ids_BxT"] != 0), 1.0),
     }
 
 

@@ -107,6 +107,29 @@ def test_kv_cache_decode_matches_full_forward(family):
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
 
 
+@pytest.mark.parametrize("head", ["lm", "scalar"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_head_at_picks_positions_of_the_full_forward(family, head):
+    model, params = _model(family, head)
+    params_in = {"params": nn.meta.unbox(params)}
+    tokens = _tokens(2, T, seed=6)
+    positions = jnp.broadcast_to(jnp.arange(T), (2, T))
+    full = _forward(model, params, tokens)
+    at_2x3 = jnp.asarray([[T - 1, 0, 4], [3, T - 1, 3]], jnp.int32)
+    picked = model.apply(params_in, tokens, positions, jnp.ones_like(tokens), head_at_BxU=at_2x3)
+    expected = jnp.take_along_axis(full, at_2x3 if head == "scalar" else at_2x3[..., None], axis=1)
+    assert picked.shape == expected.shape
+    np.testing.assert_allclose(picked, expected, atol=1e-5)
+    # With a cache (the sampler's prefill): the last position only, and the same cache.
+    cache = init_cache(model.cfg, 2, T + 2)
+    last, cache_at = model.apply(params_in, tokens, positions, jnp.ones_like(tokens),
+                                 cache=cache, cache_index=0, head_at_BxU=jnp.full((2, 1), T - 1))
+    _, cache_full = model.apply(params_in, tokens, positions, jnp.ones_like(tokens),
+                                cache=cache, cache_index=0)
+    np.testing.assert_allclose(last[:, 0], full[:, -1], atol=1e-5)
+    jax.tree.map(np.testing.assert_array_equal, cache_at, cache_full)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_remat_gives_the_same_gradients(family):
     tokens = _tokens(2, T, seed=5)

@@ -67,7 +67,8 @@ def test_reward_model_trains_and_is_normalised(tmp_path):
                                 "rejected": prompt + " xxx!"}) + "\n")
     reward = ["experiments.reward", f"--workdir={tmp_path / 'rm'}", f"--data_dir={data}",
               f"--init_from={tmp_path / 'lm'}", f"--train_files={train}", f"--eval_files={heldout}",
-              "--steps=16", "--seq_len=64", "--learning_rate=3e-3", "--checkpoint_every=8",
+              "--steps=16", "--seq_len=64", "--pack_rows=24", "--learning_rate=3e-3",
+              "--checkpoint_every=8",
               "--eval_every=16", "--weight_decay=0"]
     _run(*reward)
     final = json.loads((tmp_path / "rm" / "final_eval.json").read_text())

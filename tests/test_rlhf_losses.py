@@ -78,14 +78,15 @@ def _ranking_batch(rng, n_valid, K, T=7, V=20):
     return batch, lengths.reshape(B, K)
 
 
-@pytest.mark.parametrize("K,n_valid", [(4, [4, 3, 2, 0]), (9, [9, 4, 6])])
-def test_reward_ranking_loss_vs_double_loop(K, n_valid):
+@pytest.mark.parametrize("K,n_valid,center", [(4, [4, 3, 2, 0], 0.0), (9, [9, 4, 6], 0.0),
+                                               (4, [4, 3, 2, 0], 0.3)])
+def test_reward_ranking_loss_vs_double_loop(K, n_valid, center):
     rng = np.random.default_rng(K)
     batch, lengths = _ranking_batch(rng, n_valid, K)
     vtable = rng.normal(size=20).astype(np.float32)
     apply = CountingApply(value_apply)
-    loss_sum, metrics = jit(losses.reward_ranking_loss)(vtable, batch, None, apply=apply,
-                                                   cfg=losses.RankingLossConfig())
+    loss_sum, metrics = jit(losses.reward_ranking_loss)(
+        vtable, batch, None, apply=apply, cfg=losses.RankingLossConfig(center_coef=center))
     B, T = len(n_valid), batch["tokens_BxKxT"].shape[-1]
     assert apply.shapes == [(B * K, T)]  # ONE forward pass over every response
 
@@ -104,7 +105,8 @@ def test_reward_ranking_loss_vs_double_loop(K, n_valid):
         assert len(terms) == math.comb(n_valid[b], 2)
         n_pairs += len(terms)
         if terms:
-            want += sum(terms) / len(terms)
+            mean_r = sum(r[:n_valid[b]]) / n_valid[b]  # the centring term, on real responses
+            want += sum(terms) / len(terms) + center * mean_r ** 2
             prompts += 1
     assert float(loss_sum) == pytest.approx(want, rel=1e-5)
     assert float(metrics["loss"][1]) == prompts

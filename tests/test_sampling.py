@@ -120,3 +120,23 @@ def test_left_pad_and_positions():
         left_pad([[1, 2, 3]], PAD, 2)
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(max_new_tokens=1, eos_id=1, pad_id=0, top_p=0.0)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.6])
+def test_sampled_frequencies_follow_the_tempered_nucleus(top_p):
+    # 20k rows of the same 6-token distribution, one draw each: frequencies match the
+    # (top-p renormalised) probabilities, and tokens outside the nucleus never appear.
+    from instructjax.sampling import _choose
+    logits = jnp.log(jnp.asarray([0.05, 0.4, 0.0, 0.25, 0.2, 0.1]))
+    rows = 20_000
+    cfg = SamplingConfig(max_new_tokens=1, eos_id=EOS, pad_id=PAD, temperature=0.5, top_p=top_p)
+    tokens, logps = jax.jit(_choose, static_argnums=2)(
+        jnp.broadcast_to(logits, (rows, 6)), jax.random.key(3), cfg)
+    probs = np.asarray(jax.nn.softmax(logits / 0.5))
+    np.testing.assert_allclose(np.asarray(logps), np.log(probs[np.asarray(tokens)]), rtol=1e-5)
+    if top_p < 1.0:  # sorted mass 0.58, 0.23, 0.15, ...: the nucleus is the top 2
+        probs = np.where(probs >= np.sort(probs)[-2], probs, 0.0)
+        probs /= probs.sum()
+    freq = np.bincount(np.asarray(tokens), minlength=6) / rows
+    np.testing.assert_allclose(freq, probs, atol=0.012)
+    assert (freq[probs == 0] == 0).all()

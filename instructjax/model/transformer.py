@@ -4,6 +4,7 @@ Shape legend:
   B batch   T query length   S key length (= T, or the cache length when decoding)
   D d_model H query heads    K key/value heads   G = H // K query heads per KV head
   F head_dim M d_ff (MLP width)  V vocabulary
+  U positions picked by `head_at_BxU` (the head runs only there)
 
 Attention rule (one rule covers packing, right padding and left-padded generation):
 a query may attend a key iff key_slot <= query_slot, seg_q == seg_k and seg_k != 0, where
@@ -185,13 +186,15 @@ def attention_mask(segment_q_BxT, segment_k_BxS, q_slot_T, k_slot_S):
 
 class Transformer(nn.Module):
     """head='lm' returns logits_BxTxV; head='scalar' returns values_BxT (reward/value models).
+    With `head_at_BxU` (query indices into T), the head runs only at those positions and
+    the output is BxUxV / BxU: a prefill needs the last logits, not T x V of them.
     With `cache`, returns (output, new_cache)."""
     cfg: ModelConfig
     head: str = "lm"
 
     @nn.compact
     def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT, *, deterministic: bool = True,
-                 cache: Cache | None = None, cache_index=None):
+                 cache: Cache | None = None, cache_index=None, head_at_BxU=None):
         cfg, dtype = self.cfg, dtype_of(self.cfg)
         if self.head not in ("lm", "scalar"):
             raise ValueError(f"head must be 'lm' or 'scalar', got {self.head!r}")
@@ -226,6 +229,8 @@ class Transformer(nn.Module):
             x_BxTxD, new_layer = block(cfg, deterministic, name=f"layer_{i}")(
                 x_BxTxD, positions_BxT, mask_BxTxS, layer_cache, cache_index)
             new_layers.append(new_layer)
+        if head_at_BxU is not None:
+            x_BxTxD = jnp.take_along_axis(x_BxTxD, head_at_BxU.astype(jnp.int32)[..., None], axis=1)
         h_BxTxD = Norm(cfg, name="final_norm")(x_BxTxD)
 
         if self.head == "scalar":

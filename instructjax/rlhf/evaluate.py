@@ -1,21 +1,34 @@
-"""Evaluation of trained policies on held-out data of the embedded world.
+"""Evaluation of trained policies on held-out data of the embedded world, in InstructGPT's
+terms (evaluate_policies / format_table / write_results):
 
-So far: held-out demonstration loss and gold-judged greedy samples for any set of models
-(the base model and the SFT model in the demo).
+  (a) win rate against the reference (SFT) model as judged by HELD-OUT labelers, 95% CI;
+  (b) instruction following and accuracy, (c) hallucination on unanswerable questions,
+      (d) toxic outputs (gold judge; eval_metrics.py);
+  (e) held-out pretraining loss (the alignment tax) and held-out demonstration loss.
+
+Every model samples with the same decoding (temperature, max_new_tokens, seed, and the
+few-shot separator as a stop string). A model named in `prompted` (the base LM) is
+prompted few-shot: a fixed prefix of instruction-style demonstrations from sft_train.jsonl
+precedes each prompt, cut to what the context leaves (see eval_metrics.few_shot_prefix).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
+import time
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import jax
 import numpy as np
+from absl import logging
 
 from instructjax import parallel
 from instructjax.data import builders, pipeline
-from instructjax.data.jsonl import read_jsonl
+from instructjax.data.jsonl import atomic_output, read_jsonl, write_json_atomic, write_jsonl_atomic
+from instructjax.data.world import labelers as labelers_lib
 from instructjax.losses import LMLossConfig, Objective, lm_loss, make_apply, reduce_metrics
+from instructjax.rlhf import eval_metrics
 from instructjax.rlhf.generate import generate
 from instructjax.sampling import SamplingConfig
 from instructjax.train import step as step_lib
@@ -38,62 +51,190 @@ def heldout_loss(model, params, tokenizer, source, *, kind: str, seq_len: int, b
     return reduce_metrics(totals)["loss"]
 
 
-@dataclasses.dataclass
-class ModelReport:
-    name: str
-    heldout_loss: float
-    gold_accuracy: float       # fraction of held-out prompts answered correctly (gold judge)
-    mean_gold_score: float
-    responses: list[str]
+# Tokens kept free between the few-shot prefix + prompt and the sampled response.
+CONTEXT_MARGIN = 4
+# Task fields copied into each per-prompt sample record.
+TASK_FIELDS = ("id", "kind", "style", "prompt", "answer")
 
 
-def compare_models(workdirs: dict[str, str | Path], sft_eval_file: str | Path, *, mesh,
-                   data_dir: str | Path, seq_len: int, num_prompts: int = 64,
-                   max_new_tokens: int = 32, seed: int = 0) -> list[ModelReport]:
-    """Held-out demonstration loss and greedy-sample accuracy of each model under the gold judge."""
-    from instructjax.data import world
-    tasks = [record for _, record in read_jsonl(sft_eval_file, required={"prompt": str, "response": str})]
-    tasks = tasks[:num_prompts]
-    source = builders.jsonl_data_source({"eval": sft_eval_file}, kind="sft",
-                                        data_dir=Path(data_dir) / "tfds")["eval"]
-    reports = []
+def labeler_noise(data_dir: str | Path) -> tuple[float, int, str]:
+    """(noise scale, pool seed, where they came from): the comparisons stage's calibrated
+    scale from <data_dir>/comparisons_stats.json, else labelers.NOISE_SCALE."""
+    path = Path(data_dir) / "comparisons_stats.json"
+    if path.exists():
+        stats = json.loads(path.read_text())
+        if "labeler_noise_scale" in stats:
+            seed = int(stats.get("config", {}).get("seed", 0))
+            return float(stats["labeler_noise_scale"]), seed, str(path)
+    logging.info("evaluation: %s has no labeler_noise_scale (comparisons stage not run); "
+                 "held-out labelers use the default NOISE_SCALE %.4f", path,
+                 labelers_lib.NOISE_SCALE)
+    return labelers_lib.NOISE_SCALE, 0, "labelers.NOISE_SCALE (default)"
+
+
+def _eval_tasks(data_dir: Path, num_prompts: int) -> list[dict]:
+    tasks = [r for _, r in read_jsonl(data_dir / "prompts_eval.jsonl",
+                                      required={"prompt": str, "kind": str, "answer": str})]
+    return tasks[:num_prompts] if num_prompts > 0 else tasks
+
+
+def _prompted_inputs(tasks, tokenizer, *, data_dir: Path, max_len: int, max_new_tokens: int,
+                     per_kind: int) -> tuple[list[str], dict]:
+    """Few-shot prompts for a base LM and what was used (demonstrations, prefix tokens)."""
+    demos = eval_metrics.select_demonstrations(
+        [r for _, r in read_jsonl(data_dir / "sft_train.jsonl",
+                                  required={"prompt": str, "response": str})],
+        per_kind=per_kind)
+    longest = max(len(tokenizer.encode(t["prompt"])) for t in tasks)
+    budget = max_len - max_new_tokens - longest - CONTEXT_MARGIN
+    prefix, used = eval_metrics.few_shot_prefix(demos, tokenizer, budget_tokens=budget)
+    if used < len(demos):
+        logging.info("evaluation: the few-shot prefix keeps %d of %d demonstrations (%d tokens "
+                     "left by max_len %d - max_new_tokens %d - longest prompt %d)", used,
+                     len(demos), budget, max_len, max_new_tokens, longest)
+    info = {"demonstrations": used, "available": len(demos),
+            "prefix_tokens": len(tokenizer.encode(prefix)), "budget_tokens": budget,
+            "prefix": prefix}
+    return [prefix + t["prompt"] for t in tasks], info
+
+
+def evaluate_policies(workdirs: Mapping[str, str | Path], *, data_dir: str | Path, mesh,
+                      reference: str = "sft", prompted: Collection[str] = ("base",),
+                      num_prompts: int = 0, temperature: float = 0.7, max_new_tokens: int = 32,
+                      seed: int = 0, pretrain_seq_len: int = 128, demo_seq_len: int = 0,
+                      batch_size: int = 32,
+                      few_shot_per_kind: int = 1, num_labelers: int = 4,
+                      noise_scale: float | None = None) -> dict:
+    """Samples each model (name -> finished LM/SFT/PPO/DPO workdir) on the first
+    `num_prompts` (0 = all) prompts of <data_dir>/prompts_eval.jsonl and scores it.
+    Held-out losses: pretrain_eval.jsonl in rows of `pretrain_seq_len` tokens, sft_eval.jsonl
+    (demonstrations, response tokens only) in rows of `demo_seq_len` (0 = the model's max_len).
+
+    Returns {"settings", "models": {name: {win_rate, rates, pretrain_loss, demo_loss,
+    prompted, workdir, few_shot?, seconds}}, "samples": [per-prompt task fields +
+    responses {name: text} + win {name: outcome}]}. JSON-serialisable."""
+    if reference not in workdirs:
+        raise ValueError(f"the reference model {reference!r} is not among {sorted(workdirs)}")
+    data_dir = Path(data_dir)
+    tasks = _eval_tasks(data_dir, num_prompts)
+    scale_from = "argument"
+    label_seed = 0
+    if noise_scale is None:
+        noise_scale, label_seed, scale_from = labeler_noise(data_dir)
+    pool = labelers_lib.heldout_labelers(num_labelers, seed=label_seed, noise_scale=noise_scale)
+    tfds_dir = data_dir / "tfds"
+    pretrain = builders.jsonl_data_source({"eval": data_dir / "pretrain_eval.jsonl"},
+                                          kind="text", data_dir=tfds_dir)["eval"]
+    demos = builders.jsonl_data_source({"eval": data_dir / "sft_eval.jsonl"}, kind="sft",
+                                       data_dir=tfds_dir)["eval"]
+    stop = (eval_metrics.FEW_SHOT_SEPARATOR,)
+    responses: dict[str, list[str]] = {}
+    models: dict[str, dict] = {}
     for name, workdir in workdirs.items():
+        start = time.time()
         model, params, tokenizer = load_trained(workdir, mesh)
-        loss = heldout_loss(model, params, tokenizer, source, kind="sft", seq_len=seq_len,
-                            batch_size=32, mesh=mesh)
-        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0,
+        entry: dict = {"workdir": str(workdir), "prompted": name in prompted}
+        prompts = [t["prompt"] for t in tasks]
+        if name in prompted:
+            prompts, entry["few_shot"] = _prompted_inputs(
+                tasks, tokenizer, data_dir=data_dir, max_len=model.cfg.max_len,
+                max_new_tokens=max_new_tokens, per_kind=few_shot_per_kind)
+        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-        gens = generate(params, model, tokenizer, [t["prompt"] for t in tasks], sampling=sampling,
-                        mesh=mesh, rng=jax.random.key(seed))
-        judged = [world.judge(t, g.text) for t, g in zip(tasks, gens)]
-        scores = [world.gold_score(t, g.text) for t, g in zip(tasks, gens)]
-        reports.append(ModelReport(
-            name=name, heldout_loss=loss,
-            gold_accuracy=float(np.mean([j["correct"] for j in judged])),
-            mean_gold_score=float(np.mean(scores)), responses=[g.text for g in gens]))
-    return reports
+        gens = generate(params, model, tokenizer, prompts, sampling=sampling, mesh=mesh,
+                        rng=jax.random.key(seed), batch_size=batch_size, stop=stop)
+        responses[name] = [g.text for g in gens]
+        entry["ended"] = float(np.mean([g.ended for g in gens]))
+        entry["rates"] = eval_metrics.behaviour_rates(tasks, responses[name])
+        for key, source, kind, seq_len in (
+                ("pretrain_loss", pretrain, "lm", pretrain_seq_len),
+                ("demo_loss", demos, "sft", demo_seq_len or model.cfg.max_len)):
+            entry[key] = heldout_loss(model, params, tokenizer, source, kind=kind,
+                                      seq_len=seq_len, batch_size=batch_size, mesh=mesh)
+        entry["seconds"] = round(time.time() - start, 1)
+        models[name] = entry
+        logging.info("evaluation: %s done in %.0f s", name, entry["seconds"])
+        del params
+    outcomes = {}
+    for name in workdirs:
+        outcomes[name] = eval_metrics.win_outcomes(tasks, responses[name], responses[reference],
+                                                   pool, seed=seed)
+        models[name]["win_rate"] = eval_metrics.win_rate(outcomes[name], seed=seed)
+    settings = {"order": list(workdirs),  # eval.json sorts keys: the models' order is here
+                "num_prompts": len(tasks), "reference": reference, "temperature": temperature,
+                "max_new_tokens": max_new_tokens, "seed": seed, "stop": list(stop),
+                "pretrain_seq_len": pretrain_seq_len, "demo_seq_len": demo_seq_len or "max_len",
+                "labelers": [lab.id for lab in pool],
+                "labeler_noise_scale": noise_scale, "labeler_noise_from": scale_from,
+                "ties": "identical responses count as half a win",
+                "data_dir": str(data_dir)}
+    samples = [{**{k: t[k] for k in TASK_FIELDS if k in t},
+                "responses": {n: responses[n][i] for n in workdirs},
+                "win": {n: outcomes[n][i] for n in workdirs}} for i, t in enumerate(tasks)]
+    return {"settings": settings, "models": models, "samples": samples}
 
 
-def format_report(reports: list[ModelReport], sft_eval_file: str | Path, num_rows: int = 6) -> str:
-    tasks = [record for _, record in read_jsonl(sft_eval_file, required={"prompt": str})]
-    lines = ["model        held-out loss   gold accuracy   mean gold score"]
-    for r in reports:
-        lines.append(f"{r.name:<12} {r.heldout_loss:>13.4f}   {r.gold_accuracy:>13.1%}   "
-                     f"{r.mean_gold_score:>15.3f}")
-    # Show a spread of task kinds, not the first few of one kind.
+def _pct(entry: dict) -> str:
+    return f"{entry['rate']:.1%}" if entry["n"] else "-"
+
+
+def format_table(results: dict, num_samples: int = 6) -> str:
+    """The evaluation as a printed table (rates in %, win rate with its Wilson 95% CI), the
+    settings it depends on, and a few prompts of different kinds with every model's answer."""
+    s, models = results["settings"], results["models"]
+    ref = s["reference"]
+    header = (f"{'model':<10} {'win vs ' + ref:>10} {'95% CI':>15} {'accuracy':>9} "
+              f"{'follows':>8} {'halluc.':>8} {'toxic':>6} {'refuses':>8} {'gold':>6} "
+              f"{'pretrain':>9} {'demo':>7}")
+    sub = (f"{'':<10} {'':>10} {'(Wilson)':>15} {'':>9} {'':>8} {'(unans.)':>8} {'':>6} "
+           f"{'(harmful)':>8} {'score':>6} {'loss':>9} {'loss':>7}")
+    lines = [header, sub]
+    models = {n: models[n] for n in s.get("order", list(models))}
+    for name, m in models.items():
+        w, r = m["win_rate"], m["rates"]
+        ci = f"[{w['ci'][0]:.3f}, {w['ci'][1]:.3f}]" if name != ref else "(reference)"
+        lines.append(
+            f"{name:<10} {w['win_rate']:>10.3f} {ci:>15} {_pct(r['accuracy']):>9} "
+            f"{_pct(r['instruction_following']):>8} {_pct(r['hallucination']):>8} "
+            f"{_pct(r['toxic']):>6} {_pct(r['harmful_refusal']):>8} "
+            f"{r['mean_gold_score']:>6.3f} {m['pretrain_loss']:>9.4f} {m['demo_loss']:>7.4f}")
+    any_rates = next(iter(models.values()))["rates"]
+    lines += [
+        "",
+        f"{s['num_prompts']} held-out prompts ({any_rates['hallucination']['n']} unanswerable, "
+        f"{any_rates['harmful_refusal']['n']} harmful); decoding: temperature {s['temperature']}, "
+        f"max_new_tokens {s['max_new_tokens']}, seed {s['seed']}, stop at {s['stop']!r}.",
+        f"Win rate: one of {len(s['labelers'])} held-out labelers per prompt (noise scale "
+        f"{s['labeler_noise_scale']:.4f} from {s['labeler_noise_from']}); {s['ties']}.",
+    ]
+    for name, m in models.items():
+        w = m["win_rate"]
+        lines.append(f"  {name}: {w['wins']} wins, {w['ties']} ties, {w['losses']} losses")
+        if "few_shot" in m:
+            f = m["few_shot"]
+            lines.append(f"  {name}: prompted few-shot with {f['demonstrations']} of "
+                         f"{f['available']} demonstrations ({f['prefix_tokens']} tokens; "
+                         f"budget {f['budget_tokens']})")
     seen, rows = set(), []
-    for i, t in enumerate(tasks[:len(reports[0].responses)]):
-        key = (t.get("kind"), t.get("style"))
-        if key not in seen:
+    for sample in results["samples"]:
+        key = (sample.get("kind"), sample.get("style"))
+        if key not in seen and len(rows) < num_samples:
             seen.add(key)
-            rows.append(i)
-        if len(rows) == num_rows:
-            break
-    for i in rows:
-        t = tasks[i]
-        lines.append("")
-        lines.append(f"[{t.get('kind')}/{t.get('style')}] prompt: {t['prompt']!r}")
-        lines.append(f"  {'gold':<10} {t.get('response', '')!r}")
-        for r in reports:
-            lines.append(f"  {r.name:<10} {r.responses[i]!r}")
+            rows.append(sample)
+    for sample in rows:
+        lines += ["", f"[{sample.get('kind')}/{sample.get('style')}] prompt: "
+                      f"{sample['prompt']!r}  (answer {sample.get('answer')!r})"]
+        lines += [f"  {n:<10} {text!r}" for n, text in sample["responses"].items()]
     return "\n".join(lines)
+
+
+def write_results(results: dict, out_dir: str | Path) -> dict[str, Path]:
+    """eval.json (everything but the per-prompt samples), eval_samples.jsonl, eval.txt."""
+    out_dir = Path(out_dir)
+    paths = {"json": out_dir / "eval.json", "samples": out_dir / "eval_samples.jsonl",
+             "table": out_dir / "eval.txt"}
+    write_json_atomic(paths["json"], {k: v for k, v in results.items() if k != "samples"})
+    write_jsonl_atomic(paths["samples"], results["samples"])
+    with atomic_output(paths["table"]) as f:
+        f.write(format_table(results) + "\n")
+    return paths

@@ -322,11 +322,15 @@ def ppo_update(params, opt_state, ppo_batch, ptx_batch, rng, *, cfg: PPOConfig,
 def make_ppo_iteration(cfg: PPOConfig, *, models: rollout_lib.RolloutModels,
                        rollout_cfg: rollout_lib.RolloutConfig, tx: optax.GradientTransformation,
                        schedule: optax.Schedule, mesh: Mesh, state_shardings, frozen_shardings,
-                       compiler_options: dict[str, Any] | None = None):
+                       compiler_options: dict[str, Any] | None = None,
+                       return_responses: bool = False):
     """(state, frozen, batch, base_rng) -> (state, metrics), one PPO iteration, jitted with
     explicit shardings and the state donated. frozen = {'reference', 'reward'} params; batch
     = a PPOInputs dict after parallel.global_batch. metrics: name -> (sum, weight).
-    compiler_options go to XLA for this program (tests lower the optimisation level)."""
+    compiler_options go to XLA for this program (tests lower the optimisation level).
+    return_responses: also return the rollout's responses, (state, metrics, responses) with
+    responses = {tokens_BxN, lengths_B (incl. EOS), ended_B} sharded like the batch (for
+    host-side scoring, e.g. the gold reward of the over-optimisation frontier)."""
     apply = PolicyValueApply.from_models(models.policy, models.value)
 
     def iteration(state: PPOState, frozen, batch, base_rng):
@@ -350,13 +354,20 @@ def make_ppo_iteration(cfg: PPOConfig, *, models: rollout_lib.RolloutModels,
                                          target=cfg.kl_target, horizon=cfg.kl_horizon)
         new_state = PPOState(step=state.step + 1, params=params["policy"],
                              value_params=params["value"], opt_state=opt_state, kl=kl)
-        return new_state, metrics
+        if not return_responses:
+            return new_state, metrics
+        P = batch["prompt_tokens"].shape[1]
+        responses = {"tokens_BxN": ppo_batch["tokens_BxT"][:, P:],
+                     "lengths_B": stats["lengths_B"].astype(jnp.int32),
+                     "ended_B": stats["ended_B"]}
+        return new_state, metrics, responses
 
-    rep = parallel.replicated(mesh)
+    rep, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    out_shardings = (state_shardings, rep) + ((batch_sharding,) if return_responses else ())
     return parallel.ShardedJit(
         iteration, mesh,
-        in_shardings=(state_shardings, frozen_shardings, parallel.batch_sharding(mesh), rep),
-        out_shardings=(state_shardings, rep), donate_argnums=(0,),
+        in_shardings=(state_shardings, frozen_shardings, batch_sharding, rep),
+        out_shardings=out_shardings, donate_argnums=(0,),
         compiler_options=compiler_options)
 
 

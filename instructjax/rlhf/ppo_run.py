@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
 from instructjax import parallel
 from instructjax.config import ConfigError
+from instructjax.data.jsonl import read_jsonl
 from instructjax.data.tokenizer import Tokenizer
 from instructjax.losses import reduce_metrics
 from instructjax.model.config import ModelConfig
@@ -53,7 +55,7 @@ def _copy_run_files(cfg: PPOConfig, policy_cfg: ModelConfig, value_cfg: ModelCon
 class PPOMetricsWriter(MetricsWriter):
     """The standard writer, plus a second progress line with the RL quantities."""
 
-    RL_KEYS = ("rollout/score", "rollout/kl", "rollout/beta", "rollout/response_length",
+    RL_KEYS = ("rollout/score", "rollout/gold_score", "rollout/kl", "rollout/beta", "rollout/response_length",
                "rollout/ended", "policy_loss", "value_loss", "clipfrac", "approx_kl", "ptx_loss")
 
     def progress(self, step: int, metrics: dict[str, float]) -> None:
@@ -62,6 +64,53 @@ class PPOMetricsWriter(MetricsWriter):
                           for k in self.RL_KEYS if "train/" + k in metrics)
         if self.enabled and shown:
             logging.info("    %s", shown)
+
+
+def _host_array(x) -> np.ndarray:
+    """The whole global array on this host (all processes must call this together)."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+class GoldRollouts:
+    """The gold reward of each iteration's rollouts, for the KL-vs-reward frontier (proxy
+    RM score and gold score against KL show over-optimisation). Each rollout row carries its
+    prompt's line in the prompt file (rollout.EncodePrompt); rows whose record has no task
+    metadata (kind, answer: user prompt files) are skipped, and without any the scorer is
+    off. Responses are decoded as generate() does (cut before the EOS)."""
+
+    def __init__(self, prompt_file: str | Path | None, tokenizer: Tokenizer):
+        self.tokenizer, self.tasks = tokenizer, {}
+        if prompt_file:
+            self.tasks = {line: r for line, r in read_jsonl(prompt_file, required={"prompt": str})
+                          if isinstance(r.get("kind"), str) and isinstance(r.get("answer"), str)}
+        if not self.tasks:
+            logging.info("rollout/gold_score is off: %s has no task metadata (kind, answer)",
+                         prompt_file or "the prompt source")
+
+    def metrics(self, prompt_line_B, responses) -> dict[str, tuple[float, float]]:
+        """{'rollout/gold_score', 'rollout/gold_correct'}: (sum, rows scored)."""
+        from instructjax.data import world
+        if not self.tasks:
+            return {}
+        lines = _host_array(prompt_line_B)
+        tokens, lengths, ended = (_host_array(responses[k])
+                                  for k in ("tokens_BxN", "lengths_B", "ended_B"))
+        score = correct = count = 0.0
+        for i, line in enumerate(lines.tolist()):
+            task = self.tasks.get(line)
+            if task is None:
+                continue
+            ids = tokens[i, :max(int(lengths[i]) - int(bool(ended[i])), 0)].tolist()
+            text = self.tokenizer.decode(ids)
+            score += world.gold_score(task, text)
+            correct += world.judge(task, text)["correct"]
+            count += 1
+        if not count:
+            return {}
+        return {"rollout/gold_score": (score, count), "rollout/gold_correct": (correct, count)}
 
 
 def _check_sizes(cfg: PPOConfig, mesh: Mesh, policy_cfg: ModelConfig, value_cfg: ModelConfig,
@@ -137,11 +186,13 @@ def train_ppo(cfg: PPOConfig, argv: list[str] = ()) -> dict[str, float]:
     state = loop.resume_or_init(checkpointer, abstract, fresh_state, inputs)
     iteration = make_ppo_iteration(cfg, models=models, rollout_cfg=rollout_cfg, tx=tx,
                                    schedule=schedule, mesh=mesh, state_shardings=shardings,
-                                   frozen_shardings=frozen_shardings)
+                                   frozen_shardings=frozen_shardings, return_responses=True)
+    gold = GoldRollouts(inputs.prompt_file, tokenizer)
     last: dict[str, Any] = {}
 
     def train_step(state, batch, base_rng):
-        state, metrics = iteration(state, frozen, batch, base_rng)
+        state, metrics, responses = iteration(state, frozen, batch, base_rng)
+        metrics = dict(metrics, **gold.metrics(batch["prompt_line"], responses))
         last["metrics"] = metrics
         return state, metrics
 

@@ -237,8 +237,10 @@ class EncodePrompt:
     """{'prompt'} -> left-padded prompt_tokens [P] int32 and prompt_mask [P] int32.
 
     Prompts longer than P keep their LAST P tokens (the end of a prompt is what the response
-    continues); `prompt_truncated` marks them. Loads the tokenizer lazily from its path, so
-    instances pickle to grain worker processes."""
+    continues); `prompt_truncated` marks them. `prompt_line` is the record's line in its
+    JSONL file (from the tfds source's "origin" field; -1 when unknown), so the host can
+    find the task behind each rollout row (ppo_run's gold score). Loads the tokenizer lazily
+    from its path, so instances pickle to grain worker processes."""
 
     def __init__(self, tokenizer_path, max_prompt_len: int):
         self.tokenizer_path, self.max_prompt_len = str(tokenizer_path), max_prompt_len
@@ -260,8 +262,10 @@ class EncodePrompt:
         tokens = np.full(P, self._tokenizer.pad_id, np.int32)
         mask = np.zeros(P, np.int32)
         tokens[P - len(kept):], mask[P - len(kept):] = kept, 1
+        line = str(record.get("origin", "")).rsplit(":", 1)[-1]
         return {"prompt_tokens": tokens, "prompt_mask": mask,
-                "prompt_truncated": np.int32(len(ids) > P)}
+                "prompt_truncated": np.int32(len(ids) > P),
+                "prompt_line": np.int32(int(line) if line.isdigit() else -1)}
 
 
 def prompt_dataset(source, tokenizer: Tokenizer, *, max_prompt_len: int, batch_size: int,
@@ -285,6 +289,7 @@ class PPOInputs:
     leading dim of every entry):
 
       prompt_tokens, prompt_mask    [B, P]
+      prompt_line                   [B] line of each prompt in `prompt_file` (-1 unknown)
       ptx_<key>                     [U * ptx_batch, T_ptx] for each lm_dataset key (inputs,
                                     targets, positions, segment_ids, loss_mask); update u
                                     uses rows u::U (see ppo.split_ptx)
@@ -292,8 +297,8 @@ class PPOInputs:
     get_state/set_state combine both iterators' (JSON) states, so a resumed run reads the
     same data as an uninterrupted one."""
 
-    def __init__(self, prompts, ptx=None):
-        self.prompts, self.ptx = prompts, ptx
+    def __init__(self, prompts, ptx=None, prompt_file: str | None = None):
+        self.prompts, self.ptx, self.prompt_file = prompts, ptx, prompt_file
 
     def __iter__(self):
         return self
@@ -352,4 +357,4 @@ def make_inputs(cfg, tokenizer: Tokenizer) -> PPOInputs:
             texts, tokenizer, seq_len=cfg.ptx_seq_len,
             batch_size=cfg.num_updates * cfg.ptx_batch_size // hosts, seed=cfg.seed + 1,
             shard_index=host, shard_count=hosts))
-    return PPOInputs(prompt_iter, ptx_iter)
+    return PPOInputs(prompt_iter, ptx_iter, prompt_file=prompt_file)

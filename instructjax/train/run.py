@@ -9,6 +9,7 @@ head (the reward model swaps the unembedding for a scalar head) and where parame
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import shutil
@@ -20,7 +21,7 @@ from absl import logging
 
 from instructjax import parallel
 from instructjax.config import ConfigError, RunConfig
-from instructjax.data import builders, pipeline
+from instructjax.data import builders, comparison_packing, pipeline
 from instructjax.data.jsonl import read_jsonl
 from instructjax.data.tokenizer import Tokenizer, train_tokenizer
 from instructjax.losses import (LMLossConfig, Objective, RankingLossConfig, lm_loss, make_apply,
@@ -156,15 +157,20 @@ def _datasets(cfg: RunConfig, tokenizer: Tokenizer, files: dict[str, str]):
     common = dict(seq_len=cfg.train.seq_len, shard_index=jax.process_index(),
                   shard_count=jax.process_count())
     if cfg.task == "reward":
-        train_ds = pipeline.comparison_batches(sources["train"], tokenizer, batch_size=per_host,
-                                               seed=cfg.train.seed, **common)
-        eval_batches = list(pipeline.comparison_batches(
-            sources["eval"], tokenizer, batch_size=per_host, shuffle=False, num_epochs=1,
-            drop_remainder=False, **common))
+        if cfg.train.pack_rows:
+            rows = cfg.train.pack_rows // jax.process_count()
+            batches = functools.partial(comparison_packing.packed_comparison_batches,
+                                        tokenizer=tokenizer, rows=rows, max_prompts=per_host,
+                                        **common)
+        else:
+            batches = functools.partial(pipeline.comparison_batches, tokenizer=tokenizer,
+                                        batch_size=per_host, **common)
+        finite = dict(shuffle=False, num_epochs=1,
+                      **({} if cfg.train.pack_rows else {"drop_remainder": False}))
+        train_ds = batches(sources["train"], seed=cfg.train.seed)
+        eval_batches = list(batches(sources["eval"], **finite))
         # SFT outputs for the reward normalisation: the training responses, in order.
-        sft_outputs = pipeline.comparison_batches(
-            sources["train"], tokenizer, batch_size=per_host, shuffle=False, num_epochs=1,
-            drop_remainder=False, **common)
+        sft_outputs = batches(sources["train"], **finite)
         return iter(train_ds), eval_batches, sft_outputs
     make = pipeline.lm_dataset if cfg.task == "pretrain" else pipeline.sft_dataset
     train_ds = make(sources["train"], tokenizer, batch_size=per_host, seed=cfg.train.seed,
@@ -198,8 +204,8 @@ def train_lm(cfg: RunConfig, argv: list[str] = ()) -> dict[str, float]:
     reward = cfg.task == "reward"
     model = Transformer(cfg.model, head="scalar" if reward else "lm")
     apply = make_apply(model)
-    objective = (Objective(reward_ranking_loss, RankingLossConfig()) if reward
-                 else Objective(lm_loss, LMLossConfig()))
+    objective = (Objective(reward_ranking_loss, RankingLossConfig(center_coef=cfg.rm_center_coef))
+                 if reward else Objective(lm_loss, LMLossConfig()))
     schedule = state_lib.make_schedule(cfg.optim, cfg.train.steps)
     tx = state_lib.make_optimizer(cfg.optim, cfg.train.steps)
     abstract, shardings = state_lib.abstract_state(model, tx, mesh, cfg.train.seq_len)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from collections.abc import Iterable
 
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr",
@@ -25,6 +26,16 @@ WORDS = ["apple", "river", "stone", "cloud", "tiger", "lamp", "garden", "pencil"
          "candle", "forest", "bread", "mirror", "rocket", "violin", "button", "planet", "turtle",
          "ladder", "basket", "dragon", "pepper", "silver", "harbor", "meadow", "lantern"]
 ATTRIBUTES = ("country", "river", "founder", "population", "colour", "food")
+
+
+_NAME_SHAPE = re.compile("(?:(?:{})(?:{})){{2,3}}(?:{})".format(
+    "|".join(sorted(_ONSETS, key=len, reverse=True)), "|".join(sorted(_VOWELS, key=len, reverse=True)),
+    "|".join(c for c in sorted(set(_CODAS), key=len, reverse=True) if c)) + "?", re.IGNORECASE)
+
+
+def is_name_shaped(word: str) -> bool:
+    """Whether `word` could be one of the world's names (its syllable grammar)."""
+    return _NAME_SHAPE.fullmatch(word) is not None
 
 
 def make_name(rng: random.Random, syllables: int) -> str:

@@ -21,17 +21,15 @@ two different training labelers order the same way 73% of the response pairs of
 `perturbed_responses` sets (K = 4..9, resembling model samples: the gold answer and
 reformatted versions of it, near misses, rambling extra lines, refusals, "I don't know",
 made-up answers, compliance with harmful requests, toxic text, garbage and empty text) on
-1,200 world tasks: InstructGPT reports 72.6 +- 1.5% inter-annotator agreement. Measured
-(world seed 0, response sets drawn with random.Random(0), K = 4..9, 22,613 response
-pairs): NOISE_SCALE = 0.3815 gives a mean agreement of 0.730 over the 28 pairs of 8
-training labelers; held-out vs training labelers 0.732 (8 pairs). On fresh sets (other tasks, other
-seeds, ~11,000 pairs each) single labeler pairs range over 0.70-0.75 (mean 0.73); a
-labeler orders pairs with different gold scores as gold does 0.86 of the time and puts the
-gold response above garbage text 0.98 of the time. About 21% of the pairs tie in gold
-score (e.g. two wrong answers, or the answer with and without a final period); those the
-noise decides, so labelers agree on half of them. Agreement depends on the mix of
-responses (sets with more near-identical answers agree less): to calibrate on real model
-samples instead, run `calibrate_noise` on them and pass its scale as `noise_scale`.
+1,200 world tasks (`make_tasks(World(0), 1200, "calibration", set())`): InstructGPT reports
+72.6 +- 1.5% inter-annotator agreement. Measured (response sets drawn with random.Random(0),
+K = 4..9, 22,798 response pairs): NOISE_SCALE = 0.3629 gives a mean agreement of 0.730 over
+the 28 pairs of 8 training labelers; held-out vs training labelers 0.729; a labeler orders
+pairs with different gold scores as gold does 0.84 of the time. About 15% of the pairs tie
+in gold score (e.g. two equally wrong, equally fluent answers); those the noise and the
+tastes decide. Agreement depends on the mix of responses (sets with more near-identical
+answers agree less): to calibrate on real model samples instead, run `calibrate_noise` on
+them and pass its scale as `noise_scale` (experiments.comparisons does).
 
 Training and held-out pools are disjoint: different id prefixes ("train-", "heldout-") and
 noise seeds drawn from different streams (checked).
@@ -55,7 +53,7 @@ __all__ = ["Labeler", "NOISE_SCALE", "training_labelers", "heldout_labelers", "l
            "label_comparisons", "mean_pool_agreement", "calibrate_noise"]
 
 # Gumbel scale in gold-score units; see the module docstring for how it was calibrated.
-NOISE_SCALE = 0.3815
+NOISE_SCALE = 0.3629
 BIAS_SCALE = 0.08  # std of a labeler's taste weights
 FEATURES = ("length", "refusal", "idk", "period", "extra_lines")
 
