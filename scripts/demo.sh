@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up the environment if needed, then runs the main job on the embedded world:
-#   pretrain a tiny base model -> SFT -> held-out losses and a sample table.
+#   pretrain -> SFT -> comparisons -> reward model -> PPO, PPO-ptx, DPO -> evaluation.
 # Extra arguments are passed to experiments.instructgpt (e.g. --workdir=runs/mine).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
