@@ -5,6 +5,7 @@ Only experiments/ read absl flags; the library sees a frozen RunConfig.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -147,22 +148,29 @@ def run_config_from_flags(task: str) -> config_lib.RunConfig:
     )
 
 
-def main_for(task: str):
-    """The absl main of a language-model experiment."""
+def experiment_main(build_config, train: str):
+    """The absl main of an experiment: `build_config()` reads the flags (any ValueError is a
+    bad flag); `train` ("module:function") is imported only then, so JAX starts after the
+    flags and devices are set up."""
     def main(argv):
         if len(argv) > 1:
-            raise flags.ValidationError(f"unexpected arguments: {argv[1:]}")
+            raise SystemExit(f"error: unexpected arguments: {argv[1:]}")
         quiet_library_logs()
         from instructjax.config import ConfigError
         from instructjax.data.jsonl import DataError
         try:
-            cfg = run_config_from_flags(task)  # any ValueError here is a bad flag
-        except ValueError as e:
+            cfg = build_config()
+        except (ValueError, flags.ValidationError) as e:
             raise SystemExit(f"error: {e}") from None
         try:
             setup_devices()
-            from instructjax.train.run import train_lm
-            train_lm(cfg, argv=list(sys.argv))
+            module, function = train.split(":")
+            getattr(importlib.import_module(module), function)(cfg, argv=list(sys.argv))
         except (ConfigError, DataError, FileNotFoundError) as e:
             raise SystemExit(f"error: {e}") from None
     return main
+
+
+def main_for(task: str):
+    """The absl main of a language-model experiment."""
+    return experiment_main(lambda: run_config_from_flags(task), "instructjax.train.run:train_lm")

@@ -13,7 +13,6 @@ come from --init_from, so the flags that choose a model or tokenizer are rejecte
 
 from __future__ import annotations
 
-import sys
 
 from absl import app, flags
 
@@ -75,22 +74,7 @@ def config_from_flags():
             worker_count=FLAGS.data_workers))
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise SystemExit(f"error: unexpected arguments: {argv[1:]}")
-    common.quiet_library_logs()
-    from instructjax.config import ConfigError
-    from instructjax.data.jsonl import DataError
-    try:
-        cfg = config_from_flags()  # any ValueError here is a bad flag
-    except (ValueError, flags.ValidationError) as e:
-        raise SystemExit(f"error: {e}") from None
-    try:
-        common.setup_devices()
-        from instructjax.train.dpo_run import train_dpo
-        train_dpo(cfg, argv=list(sys.argv))
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+main = common.experiment_main(config_from_flags, "instructjax.train.dpo_run:train_dpo")
 
 
 if __name__ == "__main__":

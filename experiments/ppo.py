@@ -11,7 +11,6 @@ LM run for later stages: load_trained(workdir) gives the policy.
 
 from __future__ import annotations
 
-import sys
 
 from absl import app, flags
 
@@ -103,22 +102,7 @@ def config_from_flags():
         checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise SystemExit(f"error: unexpected arguments: {argv[1:]}")
-    common.quiet_library_logs()
-    from instructjax.config import ConfigError
-    from instructjax.data.jsonl import DataError
-    try:
-        cfg = config_from_flags()  # any ValueError here is a bad flag
-    except (ValueError, flags.ValidationError) as e:
-        raise SystemExit(f"error: {e}") from None
-    try:
-        common.setup_devices()
-        from instructjax.rlhf.ppo_run import train_ppo
-        train_ppo(cfg, argv=list(sys.argv))
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+main = common.experiment_main(config_from_flags, "instructjax.rlhf.ppo_run:train_ppo")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from instructjax.losses import (DPOLossConfig, Objective, dpo_loss, dpo_sequence
                                 make_apply, reduce_metrics)
 from instructjax.model.transformer import Transformer
 from instructjax.train import checkpoint as ckpt_lib, loop, state as state_lib, step as step_lib
+from instructjax.train import run as run_lib
 from instructjax.train.metrics import MetricsWriter
 
 
@@ -75,13 +76,7 @@ def comparison_files(cfg: DPOConfig) -> dict[str, str]:
         if len(cfg.data.train_files) > 1 or len(cfg.data.eval_files) > 1:
             raise ConfigError("--train_files/--eval_files: give one JSONL file each")
         return {"train": cfg.data.train_files[0], "eval": cfg.data.eval_files[0]}
-    data_dir = Path(cfg.data.data_dir)
-    out = {split: data_dir / f"comparisons_{split}.jsonl" for split in ("train", "eval")}
-    for path in out.values():
-        if not path.exists():
-            raise ConfigError(f"{path} not found: run experiments.comparisons with "
-                              f"--data_dir={data_dir} first, or pass --train_files/--eval_files")
-    return {k: str(v) for k, v in out.items()}
+    return run_lib.comparison_files(cfg.data.data_dir)
 
 
 def _write_run_files(cfg: DPOConfig, model_cfg, argv: list[str]) -> Tokenizer:

@@ -68,21 +68,26 @@ def world_files(cfg: RunConfig) -> dict[str, Path]:
                              n_prompts=data.world_prompts)
 
 
+def comparison_files(data_dir: str | Path) -> dict[str, str]:
+    """The comparisons stage's files in data_dir (reward model and DPO)."""
+    data_dir = Path(data_dir)
+    out = {split: data_dir / f"comparisons_{split}.jsonl" for split in ("train", "eval")}
+    for path in out.values():
+        if not path.exists():
+            raise ConfigError(f"{path} not found: run experiments.comparisons with "
+                              f"--data_dir={data_dir} first, or pass --train_files/--eval_files")
+    return {k: str(v) for k, v in out.items()}
+
+
 def dataset_files(cfg: RunConfig) -> dict[str, str]:
     """{'train': path, 'eval': path} for this task, from flags or the embedded world."""
     if cfg.data.train_files:
         if len(cfg.data.train_files) > 1 or len(cfg.data.eval_files) > 1:
             raise ConfigError("--train_files/--eval_files: give one JSONL file each")
         return {"train": cfg.data.train_files[0], "eval": cfg.data.eval_files[0]}
+    if cfg.task == "reward":
+        return comparison_files(cfg.data.data_dir)
     files = world_files(cfg)
-    if cfg.task == "reward":  # written by experiments.comparisons into the same data_dir
-        data_dir = Path(cfg.data.data_dir)
-        out = {split: data_dir / f"comparisons_{split}.jsonl" for split in ("train", "eval")}
-        for path in out.values():
-            if not path.exists():
-                raise ConfigError(f"{path} not found: run experiments.comparisons with "
-                                  f"--data_dir={data_dir} first, or pass --train_files/--eval_files")
-        return {k: str(v) for k, v in out.items()}
     prefix = "pretrain" if cfg.task == "pretrain" else "sft"
     return {"train": str(files[f"{prefix}_train"]), "eval": str(files[f"{prefix}_eval"])}
 
