@@ -75,7 +75,9 @@ flags.DEFINE_integer("world_pretrain_docs", 4000, "Embedded world: pretraining d
 flags.DEFINE_integer("world_sft_train", 4000, "Embedded world: SFT demonstrations.")
 flags.DEFINE_integer("world_eval", 300, "Embedded world: held-out examples per split.")
 flags.DEFINE_integer("world_prompts", 2000, "Embedded world: prompts for RM/PPO.")
-flags.DEFINE_integer("data_workers", 0, "grain worker processes (0 = in-process).")
+flags.DEFINE_integer("data_shards", 0, "Data shards, each read by one process (0 = one per "
+                     "process). Runs with the same value see the same data whatever the number "
+                     "of processes, and resume on any process count that divides it.")
 
 
 def _parse_override(text: str) -> tuple[str, object]:
@@ -104,16 +106,17 @@ def setup_devices() -> None:
                                     auto_detect=FLAGS.jax_distributed_auto)
 
 
-def model_config_from_flags() -> model_config.ModelConfig:
+def model_config_from_flags(preset_name: str = "") -> model_config.ModelConfig:
+    """--model (or `preset_name`, for sweeps over sizes) with the model flags applied."""
     overrides = dict(_parse_override(o) for o in FLAGS.model_override)
     overrides.setdefault("vocab_size", FLAGS.vocab_size)
     overrides.setdefault("compute_dtype", FLAGS.compute_dtype)
     overrides.setdefault("remat", FLAGS.remat)
     overrides.setdefault("dropout_rate", FLAGS.dropout_rate)
     try:
-        return model_config.preset(FLAGS.model, **overrides)
-    except TypeError as e:
-        raise flags.ValidationError(f"--model_override: {e}") from None
+        return model_config.preset(preset_name or FLAGS.model, **overrides)
+    except (TypeError, ValueError) as e:
+        raise flags.ValidationError(f"--model/--model_override: {e}") from None
 
 
 def run_config_from_flags(task: str) -> config_lib.RunConfig:
@@ -144,7 +147,7 @@ def run_config_from_flags(task: str) -> config_lib.RunConfig:
             vocab_size=FLAGS.vocab_size, whitespace_runs=FLAGS.whitespace_runs,
             world_pretrain_docs=FLAGS.world_pretrain_docs, world_sft_train=FLAGS.world_sft_train,
             world_eval=FLAGS.world_eval, world_prompts=FLAGS.world_prompts,
-            worker_count=FLAGS.data_workers),
+            data_shards=FLAGS.data_shards),
     )
 
 

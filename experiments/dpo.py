@@ -71,7 +71,7 @@ def config_from_flags():
         data=DataConfig(
             data_dir=FLAGS.data_dir or f"{FLAGS.workdir}/data",
             train_files=tuple(FLAGS.train_files), eval_files=tuple(FLAGS.eval_files),
-            worker_count=FLAGS.data_workers))
+            data_shards=FLAGS.data_shards))
 
 
 main = common.experiment_main(config_from_flags, "instructjax.train.dpo_run:train_dpo")

@@ -95,14 +95,14 @@ class DataConfig:
     world_sft_train: int = 4000
     world_eval: int = 300
     world_prompts: int = 2000
-    worker_count: int = 0
+    data_shards: int = 0  # 0: one per process (instructjax.data.shards)
 
     def __post_init__(self):
         _require(bool(self.data_dir), "--data_dir must be set")
         _require(bool(self.train_files) == bool(self.eval_files),
                  "--train_files and --eval_files go together (both empty = the embedded world)")
         _require(self.vocab_size >= 260, f"--vocab_size must be >= 260 (bytes + specials), got {self.vocab_size}")
-        _require(self.worker_count >= 0, "--data_workers must be >= 0")
+        _require(self.data_shards >= 0, "--data_shards must be >= 0 (0 = one per process)")
 
 
 TASKS = ("pretrain", "sft", "reward")

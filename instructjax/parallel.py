@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import flax.linen as nn
 import jax
@@ -23,6 +24,8 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from instructjax.config import ConfigError
+
+T = TypeVar("T")
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -165,6 +168,19 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
 
 def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def process_zero_first(prepare: Callable[[], T], what: str) -> T:
+    """Runs `prepare` on process 0, then, after a barrier, on the others, which find its
+    output ready where the file system is shared and make their own copy where it is not.
+    For steps that write files (dataset generation and preparation) so that processes never
+    write the same files at the same time."""
+    if jax.process_count() == 1:
+        return prepare()
+    from jax.experimental import multihost_utils
+    result = prepare() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices(f"prepared: {what}")
+    return result if jax.process_index() == 0 else prepare()
 
 
 def initialize_distributed(*, coordinator_address: str | None, num_processes: int | None,

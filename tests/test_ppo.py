@@ -27,6 +27,8 @@ from instructjax.sampling import left_pad
 from instructjax.train import checkpoint as ckpt_lib, loop, state as state_lib
 from instructjax.train.metrics import MetricsWriter
 
+from fakes import fake_run
+
 ROOT = Path(__file__).resolve().parents[1]
 EOS, PAD = 1, 0
 # Tests compile more than they run: a lower XLA optimisation level compiles ~40% faster.
@@ -298,16 +300,6 @@ def test_resume_in_process_is_exact(toy, world_data, tmp_path):
 
 # ----------------------------------------------------------------------------- end to end
 
-def _fake_run(workdir, tokenizer_path, model_cfg, params):
-    """A finished run's workdir: tokenizer, model_config.json, a checkpoint with params."""
-    workdir.mkdir(parents=True)
-    (workdir / "tokenizer.model").write_bytes(Path(tokenizer_path).read_bytes())
-    (workdir / "model_config.json").write_text(json.dumps(model_cfg.__dict__))
-    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints")
-    ckpt.save(1, {"step": jnp.ones((), jnp.int32), "params": params}, {})
-    ckpt.close()
-
-
 def _ppo_cmd(workdir, data_dir, sft, rm, *extra):
     return [sys.executable, "-m", "experiments.ppo", f"--workdir={workdir}",
             f"--data_dir={data_dir}", f"--policy_from={sft}", f"--reward_from={rm}",
@@ -332,8 +324,8 @@ def stage_dirs(world_data):
                                               jax.random.key(0))[0]
     scalar_abstract = state_lib.abstract_params(Transformer(model_cfg, head="scalar"), mesh)[0]
     rm_params = ppo.init_scalar_from_lm(lm_params, scalar_abstract, jax.random.key(1))
-    _fake_run(root / "sft", tok, model_cfg, lm_params)
-    _fake_run(root / "rm", tok, model_cfg, rm_params)
+    fake_run(root / "sft", tok, model_cfg, lm_params)
+    fake_run(root / "rm", tok, model_cfg, rm_params)
     return root
 
 

@@ -17,6 +17,7 @@ import operator
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+from instructjax import parallel
 from instructjax.data.comparisons import read_comparisons
 from instructjax.data.jsonl import read_jsonl
 
@@ -121,5 +122,6 @@ def jsonl_data_source(files: Mapping[str, str | Path], *, kind: str,
             raise FileNotFoundError(f"{path}: no such file (split {split!r})")
     builder_dir = Path(data_dir) / f"{kind}-{_content_hash(files, kind)}"
     builder = _builder_class()(files=files, kind=kind, data_dir=str(builder_dir))
-    builder.download_and_prepare(file_format="array_record")
+    parallel.process_zero_first(lambda: builder.download_and_prepare(file_format="array_record"),
+                                str(builder_dir))
     return {split: DecodedSource(builder.as_data_source(split=split)) for split in files}

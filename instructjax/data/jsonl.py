@@ -69,6 +69,12 @@ def read_jsonl(path: str | Path, *, required: dict[str, type]) -> Iterator[tuple
         raise DataError(f"{path}: the file has no records; it must hold one JSON object per line")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | Path, mode: str = "w") -> Iterator:
     """A file ("w" text, "wb" bytes) that appears at `path` only once it is complete:
@@ -80,6 +86,7 @@ def atomic_output(path: str | Path, mode: str = "w") -> Iterator:
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -115,16 +115,20 @@ class GoldRollouts:
 
 def _check_sizes(cfg: PPOConfig, mesh: Mesh, policy_cfg: ModelConfig, value_cfg: ModelConfig,
                  tokenizer: Tokenizer) -> None:
-    dp, hosts = parallel.data_parallel_size(mesh), jax.process_count()
-    if cfg.rollout_batch_size % dp or cfg.rollout_batch_size % hosts:
+    dp = parallel.data_parallel_size(mesh)
+    if cfg.rollout_batch_size % dp:
         raise ConfigError(f"--rollout_batch_size ({cfg.rollout_batch_size}) must be divisible "
-                          f"by the data-parallel size {dp} of --mesh={cfg.mesh} and by the "
-                          f"{hosts} processes")
+                          f"by the data-parallel size {dp} of --mesh={cfg.mesh}")
     ptx_rows = cfg.num_updates * cfg.ptx_batch_size
-    if cfg.use_ptx and (ptx_rows % dp or ptx_rows % hosts):
+    if cfg.use_ptx and ptx_rows % dp:
         raise ConfigError(f"the pretraining rows per iteration (ppo_epochs * num_minibatches * "
                           f"--ptx_batch_size = {ptx_rows}) must be divisible by the "
-                          f"data-parallel size {dp} and by the {hosts} processes")
+                          f"data-parallel size {dp}")
+    for what, rows in (("minibatch (--rollout_batch_size / --num_minibatches)", cfg.minibatch_size),
+                       ("--ptx_batch_size", cfg.ptx_batch_size if cfg.use_ptx else 0)):
+        if rows % dp:
+            logging.warning("the %s of %d rows does not divide over the data-parallel size %d: "
+                            "every device computes all of its rows", what, rows, dp)
     for name, mcfg in (("--policy_from", policy_cfg), ("--reward_from", value_cfg)):
         if cfg.seq_len > mcfg.max_len:
             raise ConfigError(f"--max_prompt_len + --max_new_tokens ({cfg.seq_len}) exceeds the "

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from instructjax import rl_ops
-from instructjax.data import builders, pipeline
+from instructjax.data import builders, pipeline, shards
 from instructjax.data.jsonl import DataError
 from instructjax.data.tokenizer import Tokenizer
 from instructjax.losses import make_apply
@@ -326,12 +326,8 @@ def _input_files(cfg) -> tuple[str, str]:
     """(prompt JSONL, pretraining JSONL): the flags, else the embedded world's files."""
     prompt_file, ptx_file = cfg.prompt_file, cfg.ptx_file
     if not prompt_file or (cfg.use_ptx and not ptx_file):
-        from instructjax.data import world
-        d = cfg.data
-        files = world.write_world(d.data_dir, seed=d.world_seed,
-                                  n_pretrain_docs=d.world_pretrain_docs,
-                                  n_sft_train=d.world_sft_train, n_sft_eval=d.world_eval,
-                                  n_prompts=d.world_prompts)
+        from instructjax.train.run import world_files
+        files = world_files(cfg.data)
         prompt_file = prompt_file or str(files["prompts_train"])
         ptx_file = ptx_file or str(files["pretrain_train"])
     return prompt_file, ptx_file
@@ -342,19 +338,23 @@ def make_inputs(cfg, tokenizer: Tokenizer) -> PPOInputs:
     for PPO-ptx) through tfds sources and grain, each host reading its own shard."""
     prompt_file, ptx_file = _input_files(cfg)
     tfds_dir = Path(cfg.data.data_dir) / "tfds"
-    hosts, host = jax.process_count(), jax.process_index()
+    num_shards = shards.resolve(cfg.data.data_shards)
     prompts = builders.jsonl_data_source({"train": prompt_file}, kind="prompt",
                                          data_dir=tfds_dir)["train"]
-    prompt_iter = iter(prompt_dataset(
-        prompts, tokenizer, max_prompt_len=cfg.max_prompt_len,
-        batch_size=cfg.rollout_batch_size // hosts, seed=cfg.seed, shard_index=host,
-        shard_count=hosts))
+    per_shard = shards.split_rows(cfg.rollout_batch_size, num_shards, "--rollout_batch_size")
+    prompt_iter = shards.ShardedIterator(
+        lambda s: prompt_dataset(prompts, tokenizer, max_prompt_len=cfg.max_prompt_len,
+                                 batch_size=per_shard, seed=cfg.seed, shard_index=s,
+                                 shard_count=num_shards), num_shards)
     ptx_iter = None
     if cfg.use_ptx:
         texts = builders.jsonl_data_source({"train": ptx_file}, kind="text",
                                            data_dir=tfds_dir)["train"]
-        ptx_iter = iter(pipeline.lm_dataset(
-            texts, tokenizer, seq_len=cfg.ptx_seq_len,
-            batch_size=cfg.num_updates * cfg.ptx_batch_size // hosts, seed=cfg.seed + 1,
-            shard_index=host, shard_count=hosts))
+        rows = shards.split_rows(cfg.num_updates * cfg.ptx_batch_size, num_shards,
+                                 "the pretraining rows per iteration (ppo_epochs * "
+                                 "num_minibatches * --ptx_batch_size)")
+        ptx_iter = shards.ShardedIterator(
+            lambda s: pipeline.lm_dataset(texts, tokenizer, seq_len=cfg.ptx_seq_len,
+                                          batch_size=rows, seed=cfg.seed + 1, shard_index=s,
+                                          shard_count=num_shards), num_shards)
     return PPOInputs(prompt_iter, ptx_iter, prompt_file=prompt_file)

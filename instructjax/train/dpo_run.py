@@ -17,12 +17,11 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 
 from instructjax import parallel
 from instructjax.config import ConfigError, DataConfig, OptimConfig, TrainConfig
-from instructjax.data import builders, pairs as pairs_lib
+from instructjax.data import builders, pairs as pairs_lib, shards
 from instructjax.data.tokenizer import Tokenizer
 from instructjax.losses import (DPOLossConfig, Objective, dpo_loss, dpo_sequence_logps,
                                 make_apply, reduce_metrics)
@@ -143,10 +142,7 @@ def train_dpo(cfg: DPOConfig, argv: list[str] = ()) -> dict[str, float]:
     from instructjax.rlhf.ppo import rl_model_config
     from instructjax.train.run import load_model_config
     mesh = parallel.make_mesh(cfg.mesh)
-    hosts, dp = jax.process_count(), parallel.data_parallel_size(mesh)
-    if cfg.train.batch_size % hosts:
-        raise ConfigError(f"--batch_size ({cfg.train.batch_size}) must divide evenly over "
-                          f"{hosts} processes")
+    dp = parallel.data_parallel_size(mesh)
     if (cfg.train.batch_size // cfg.train.grad_accum_steps) % dp:
         raise ConfigError(f"the micro-batch ({cfg.train.batch_size} / "
                           f"{cfg.train.grad_accum_steps} accumulation steps) must be divisible "
@@ -177,17 +173,16 @@ def train_dpo(cfg: DPOConfig, argv: list[str] = ()) -> dict[str, float]:
     logging.info("DPO on %s (train) and %s (eval): %d steps of %d pairs", train_pairs,
                  eval_pairs, train_cfg.steps, train_cfg.batch_size)
 
-    per_host = train_cfg.batch_size // hosts
-    common = dict(seq_len=train_cfg.seq_len, batch_size=per_host, shard_index=jax.process_index(),
-                  shard_count=hosts)
-    train_iter = iter(pairs_lib.pair_batches(train_pairs, tokenizer, seed=train_cfg.seed,
-                                             **common))
-    local_eval = list(pairs_lib.pair_batches(eval_pairs, tokenizer, shuffle=False, num_epochs=1,
-                                             drop_remainder=False, **common))
-    # Every host runs the same number of eval steps (shards may differ by one pair).
-    n_eval = math.ceil(math.ceil(len(eval_pairs) / hosts) / per_host)
-    local_eval += [{k: np.zeros_like(v) for k, v in local_eval[0].items()}
-                   for _ in range(n_eval - len(local_eval))]
+    num_shards = shards.resolve(cfg.data.data_shards)
+    common = dict(seq_len=train_cfg.seq_len, shard_count=num_shards,
+                  batch_size=shards.split_rows(train_cfg.batch_size, num_shards, "--batch_size"))
+    train_iter = shards.ShardedIterator(
+        lambda s: pairs_lib.pair_batches(train_pairs, tokenizer, seed=train_cfg.seed,
+                                         shard_index=s, **common), num_shards)
+    local_eval = shards.eval_batches(
+        lambda s: pairs_lib.pair_batches(eval_pairs, tokenizer, shuffle=False, num_epochs=1,
+                                         drop_remainder=False, shard_index=s, **common),
+        num_shards, shards.zeros_like)
     if train_cfg.eval_batches:
         local_eval = local_eval[:train_cfg.eval_batches]
 

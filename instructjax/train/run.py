@@ -20,8 +20,8 @@ import jax
 from absl import logging
 
 from instructjax import parallel
-from instructjax.config import ConfigError, RunConfig
-from instructjax.data import builders, comparison_packing, pipeline
+from instructjax.config import ConfigError, DataConfig, RunConfig
+from instructjax.data import builders, comparison_packing, pipeline, shards
 from instructjax.data.jsonl import read_jsonl
 from instructjax.data.tokenizer import Tokenizer, train_tokenizer
 from instructjax.losses import (LMLossConfig, Objective, RankingLossConfig, lm_loss, make_apply,
@@ -58,14 +58,13 @@ def write_run_record(cfg: RunConfig, argv: list[str]) -> None:
     ckpt_lib.write_json_atomic(workdir / MODEL_CONFIG_FILE, dataclasses.asdict(cfg.model))
 
 
-def world_files(cfg: RunConfig) -> dict[str, Path]:
+def world_files(data: DataConfig) -> dict[str, Path]:
     """The embedded world's JSONL files, generated once (deterministically) into data_dir."""
     from instructjax.data import world
-    data = cfg.data
-    return world.write_world(data.data_dir, seed=data.world_seed,
-                             n_pretrain_docs=data.world_pretrain_docs,
-                             n_sft_train=data.world_sft_train, n_sft_eval=data.world_eval,
-                             n_prompts=data.world_prompts)
+    return parallel.process_zero_first(lambda: world.write_world(
+        data.data_dir, seed=data.world_seed, n_pretrain_docs=data.world_pretrain_docs,
+        n_sft_train=data.world_sft_train, n_sft_eval=data.world_eval,
+        n_prompts=data.world_prompts), f"world in {data.data_dir}")
 
 
 def comparison_files(data_dir: str | Path) -> dict[str, str]:
@@ -87,7 +86,7 @@ def dataset_files(cfg: RunConfig) -> dict[str, str]:
         return {"train": cfg.data.train_files[0], "eval": cfg.data.eval_files[0]}
     if cfg.task == "reward":
         return comparison_files(cfg.data.data_dir)
-    files = world_files(cfg)
+    files = world_files(cfg.data)
     prefix = "pretrain" if cfg.task == "pretrain" else "sft"
     return {"train": str(files[f"{prefix}_train"]), "eval": str(files[f"{prefix}_eval"])}
 
@@ -155,44 +154,67 @@ def _normalise_reward(state, evaluate, sft_outputs, checkpointer, data_iter):
 
 
 def _datasets(cfg: RunConfig, tokenizer: Tokenizer, files: dict[str, str]):
+    """(train iterator, eval batches, SFT outputs for the RM's normalisation or None), each
+    this process's share of the global batches (see instructjax.data.shards)."""
     kind = {"pretrain": "text", "sft": "sft", "reward": "comparison"}[cfg.task]
     sources = builders.jsonl_data_source(files, kind=kind,
                                          data_dir=Path(cfg.data.data_dir) / "tfds")
-    per_host = cfg.train.batch_size // jax.process_count()
-    common = dict(seq_len=cfg.train.seq_len, shard_index=jax.process_index(),
-                  shard_count=jax.process_count())
+    num_shards = shards.resolve(cfg.data.data_shards)
+    per_shard = shards.split_rows(cfg.train.batch_size, num_shards, "--batch_size")
+    common = dict(seq_len=cfg.train.seq_len, shard_count=num_shards)
     if cfg.task == "reward":
         if cfg.train.pack_rows:
-            rows = cfg.train.pack_rows // jax.process_count()
+            rows = shards.split_rows(cfg.train.pack_rows, num_shards, "--pack_rows")
             batches = functools.partial(comparison_packing.packed_comparison_batches,
-                                        tokenizer=tokenizer, rows=rows, max_prompts=per_host,
+                                        tokenizer=tokenizer, rows=rows, max_prompts=per_shard,
                                         **common)
         else:
             batches = functools.partial(pipeline.comparison_batches, tokenizer=tokenizer,
-                                        batch_size=per_host, **common)
+                                        batch_size=per_shard, **common)
         finite = dict(shuffle=False, num_epochs=1,
                       **({} if cfg.train.pack_rows else {"drop_remainder": False}))
-        train_ds = batches(sources["train"], seed=cfg.train.seed)
-        eval_batches = list(batches(sources["eval"], **finite))
+        train_iter = shards.ShardedIterator(
+            lambda s: batches(sources["train"], seed=cfg.train.seed, shard_index=s), num_shards)
+        eval_batches = shards.eval_batches(
+            lambda s: batches(sources["eval"], shard_index=s, **finite), num_shards,
+            shards.zeros_like)
         # SFT outputs for the reward normalisation: the training responses, in order.
-        sft_outputs = batches(sources["train"], **finite)
-        return iter(train_ds), eval_batches, sft_outputs
+        sft_outputs = shards.ShardedIterator(
+            lambda s: batches(sources["train"], shard_index=s, **finite), num_shards)
+        return train_iter, eval_batches, sft_outputs
     make = pipeline.lm_dataset if cfg.task == "pretrain" else pipeline.sft_dataset
-    train_ds = make(sources["train"], tokenizer, batch_size=per_host, seed=cfg.train.seed,
-                    **common)
-    eval_batches = list(pipeline.eval_batches(sources["eval"], tokenizer,
-                                              kind="lm" if cfg.task == "pretrain" else "sft",
-                                              batch_size=per_host, **common))
+    train_iter = shards.ShardedIterator(
+        lambda s: make(sources["train"], tokenizer, batch_size=per_shard, seed=cfg.train.seed,
+                       shard_index=s, **common), num_shards)
+    eval_batches = shards.eval_batches(
+        lambda s: pipeline.eval_batches(sources["eval"], tokenizer, batch_size=per_shard,
+                                        kind="lm" if cfg.task == "pretrain" else "sft",
+                                        shard_index=s, **common),
+        num_shards, shards.zeros_like)
     if cfg.train.eval_batches:
         eval_batches = eval_batches[:cfg.train.eval_batches]
-    return iter(train_ds), eval_batches, None
+    return train_iter, eval_batches, None
+
+
+RUNTIME_FIELDS = ("compute_dtype", "remat", "dropout_rate")  # may differ from --init_from's
+
+
+def _check_init_from_model(cfg: RunConfig) -> None:
+    """The model built from --model/--model_override must be the one --init_from trained."""
+    theirs = dataclasses.asdict(load_model_config(cfg.init_from))
+    ours = dataclasses.asdict(cfg.model)
+    differ = [f"{k}={ours[k]} (theirs {theirs.get(k)})" for k in ours
+              if k not in RUNTIME_FIELDS and ours[k] != theirs.get(k)]
+    if differ:
+        raise ConfigError(f"the model of --model/--model_override/--vocab_size differs from the "
+                          f"--init_from={cfg.init_from} model in {', '.join(differ)}: set those "
+                          f"flags to match {Path(cfg.init_from) / MODEL_CONFIG_FILE}")
 
 
 def train_lm(cfg: RunConfig, argv: list[str] = ()) -> dict[str, float]:
-    """Runs (or resumes) pretraining or SFT; returns the final eval metrics."""
-    if cfg.train.batch_size % jax.process_count():
-        raise ConfigError(f"--batch_size ({cfg.train.batch_size}) must divide evenly over "
-                         f"{jax.process_count()} processes")
+    """Runs (or resumes) pretraining, SFT or reward modelling; returns the final eval metrics."""
+    if cfg.init_from:
+        _check_init_from_model(cfg)
     mesh = parallel.make_mesh(cfg.mesh)
     dp = parallel.data_parallel_size(mesh)
     if (cfg.train.batch_size // cfg.train.grad_accum_steps) % dp:
