@@ -12,14 +12,13 @@ A stage whose flagfile flag is empty is left out (with the stages that need it).
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from absl import app, flags, logging
 
 from experiments.log_filters import quiet_library_logs
+from experiments.stages import run_stage
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Root directory; each stage gets a subdirectory.")
@@ -35,27 +34,6 @@ flags.DEFINE_integer("report_seq_len", 128, "Sequence length for held-out losses
 flags.DEFINE_float("report_temperature", 1.0, "Sampling temperature of every model in the "
                    "report (the policies were optimised at the rollout temperature).")
 flags.DEFINE_string("mesh", "data:1,fsdp:-1,tensor:1", "Mesh for the report stage.")
-
-
-def run_stage(name: str, module: str, flagfile: str, done: Path, args: list[str]) -> bool:
-    """Runs one stage unless `done` exists; False when the stage is not configured."""
-    if done.exists():
-        logging.info("stage %s: done already (%s), skipping", name, done)
-        return True
-    if not flagfile:
-        logging.info("stage %s: no --%s_flags, left out", name, name)
-        return False
-    if not Path(flagfile).exists():
-        raise SystemExit(f"error: --{name}_flags={flagfile!r} does not name a flagfile")
-    cmd = [sys.executable, "-m", module, f"--flagfile={flagfile}", *args]
-    logging.info("stage %s: %s", name, " ".join(cmd))
-    start = time.time()
-    result = subprocess.run(cmd)
-    if result.returncode != 0:
-        raise SystemExit(f"error: stage {name} failed (exit {result.returncode}); its output is "
-                         f"above. Rerun to resume.")
-    logging.info("stage %s: finished in %.0f s", name, time.time() - start)
-    return True
 
 
 def run_stages(root: Path) -> dict[str, Path]:

@@ -1,0 +1,255 @@
+"""The Codex story's report: loss curves read from metrics files (resumed runs, bad lines),
+the convergence comparison, pass@k runs read back (sweeps and single runs), the table and
+the plots, on synthetic stage outputs; and (slow) the whole story end to end on a tiny model,
+then a rerun that skips every stage."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from instructjax.codex import passk, ranking, story
+from instructjax.data.jsonl import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_metrics(path: Path, curve: dict[int, float], extra_lines=()):
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / "metrics.jsonl", "w") as f:
+        for step, loss in curve.items():
+            f.write(json.dumps({"step": step, "train/loss": loss + 0.1}) + "\n")
+            f.write(json.dumps({"step": step, "eval/loss": loss, "eval/accuracy": 0.5}) + "\n")
+        for line in extra_lines:
+            f.write(line + "\n")
+
+
+def _summary(passed_per_problem, temperature, skipped=0):
+    """A per-temperature summary as experiments.passk writes it, built with the library's own
+    pass@k and ranking functions from pass flags and log-probs per problem."""
+    task_ids, labels, flags, sums, means = [], [], [], [], []
+    for j, row in enumerate(passed_per_problem):
+        flags.append([ok for ok, _ in row])
+        # log-probs: a passing sample gets the higher mean, so mean-log-prob ranking finds it
+        means.append([lp for _, lp in row])
+        sums.append([lp * (i + 1) for i, (_, lp) in enumerate(row)])
+        for ok, _ in row:
+            task_ids.append(f"t/{j}")
+            labels.append("passed" if ok else "failed")
+    s = passk.summarize(task_ids, labels, (1, 2, 4))
+    s["ranking_pass_at_1"] = ranking.compare_rankings(flags, sums, means)
+    s["sampling"] = {"temperature": temperature}
+    s["skipped_problems"] = {"count": skipped, "task_ids": [f"long/{i}" for i in range(skipped)]}
+    if skipped:
+        total = s["num_problems"] + skipped
+        s["pass_at_k_all_problems"] = {k: v * s["num_problems"] / total
+                                       for k, v in s["pass_at_k"].items()}
+    return s
+
+
+def _write_sweep(out: Path, by_temperature: dict[float, list]):
+    runs = {}
+    for t, rows in by_temperature.items():
+        sub = out / f"temperature_{t:g}"
+        sub.mkdir(parents=True)
+        (sub / "summary.json").write_text(json.dumps(_summary(rows, t)))
+        runs[f"{t:g}"] = sub.name
+    (out / "summary.json").write_text(json.dumps({"runs": runs}))
+
+
+# Codex: low temperature solves one problem reliably, high temperature solves more problems
+# once in a while (so the best temperature rises with k). Mean log-prob prefers passing samples.
+F, P = (False, -2.0), (True, -0.5)
+CODEX = {0.2: [[P, P, P, P], [F, F, F, F], [F, F, F, F]],
+         0.8: [[P, F, F, P], [F, F, P, F], [F, P, F, F]]}
+CODEX_S = {0.2: [[P, P, P, P], [P, P, F, P], [F, F, F, F]],
+           0.8: [[P, F, P, P], [F, P, P, F], [F, P, F, F]]}
+
+
+@pytest.fixture
+def stage_outputs(tmp_path):
+    _write_metrics(tmp_path / "codex", {10: 3.0, 20: 2.6, 30: 2.4})
+    _write_metrics(tmp_path / "scratch", {10: 5.0, 20: 3.4, 30: 2.8})
+    _write_sweep(tmp_path / "passk" / "codex", CODEX)
+    _write_sweep(tmp_path / "passk" / "codex_s", CODEX_S)
+    human = tmp_path / "passk" / "humaneval"
+    human.mkdir()
+    (human / "summary.json").write_text(json.dumps(_summary([[F, P], [F, F]], 0.2, skipped=2)))
+    return tmp_path
+
+
+def _build(root, **kw):
+    return story.build_story(
+        pretrained_run=root / "codex", scratch_run=root / "scratch",
+        heldout={"codex": root / "passk" / "codex", "codex_s": root / "passk" / "codex_s"},
+        humaneval={"codex_s": root / "passk" / "humaneval"}, ranking_temperature=0.8,
+        stage_seconds={"base": 12.0}, **kw)
+
+
+def test_eval_curve_takes_the_last_record_of_a_resumed_step(tmp_path):
+    _write_metrics(tmp_path, {10: 3.0, 20: 2.5},
+                   extra_lines=[json.dumps({"step": 20, "eval/loss": 2.25}), ""])
+    assert story.read_eval_curve(tmp_path / "metrics.jsonl") == {10: 3.0, 20: 2.25}
+
+
+def test_eval_curve_errors_name_the_file_and_line(tmp_path):
+    _write_metrics(tmp_path, {10: 3.0}, extra_lines=["{not json"])
+    with pytest.raises(DataError, match=r"metrics\.jsonl:3: not JSON"):
+        story.read_eval_curve(tmp_path / "metrics.jsonl")
+    _write_metrics(tmp_path, {})
+    with pytest.raises(DataError, match="no 'eval/loss' records"):
+        story.read_eval_curve(tmp_path / "metrics.jsonl")
+    with pytest.raises(DataError, match="no metrics file"):
+        story.read_eval_curve(tmp_path / "missing" / "metrics.jsonl")
+
+
+def test_convergence_compares_shared_steps():
+    pretrained = {10: 3.0, 20: 2.6, 30: 2.4}
+    out = story.compare_convergence(pretrained, {10: 5.0, 20: 3.4, 30: 2.7})
+    assert out["pretrained_lower_at_every_step"]
+    assert out["pretrained_steps_to_scratch_final"] == 20  # 2.6 <= scratch final 2.7
+    out = story.compare_convergence(pretrained, {10: 5.0, 20: 2.5, 30: 2.5})
+    assert not out["pretrained_lower_at_every_step"]  # scratch is lower at step 20
+    assert out["pretrained_steps_to_scratch_final"] == 30
+    with pytest.raises(DataError, match="share no evaluation step"):
+        story.compare_convergence({10: 1.0}, {20: 1.0})
+
+
+def test_story_reports_the_effects_the_stage_outputs_show(stage_outputs):
+    result = _build(stage_outputs)
+    effects = result["heldout_effects"]
+    for name, sweep in (("codex", CODEX), ("codex_s", CODEX_S)):
+        curves = {t: {int(k): v for k, v in _summary(rows, t)["pass_at_k"].items()}
+                  for t, rows in sweep.items()}
+        best = ranking.best_temperature_per_k(curves)
+        assert effects[name]["best_pass_at_1"] == best[1]["pass_at_k"]
+        assert effects[name]["best_temperature_rises_with_k"] == (
+            best[4]["temperature"] > best[1]["temperature"])
+    assert effects["codex"]["best_temperature_rises_with_k"]  # T=0.2 at k=1, 0.8 at k=4
+    assert effects["codex_s"]["best_pass_at_1"] > effects["codex"]["best_pass_at_1"]
+    assert effects["codex"]["mean_logprob_beats_random"]
+    claims = result["paper_effects"]
+    assert claims["pretrained start converges faster (lower validation loss at every eval step)"]
+    assert claims["Codex-S pass@1 > Codex pass@1 on held-out problems (best temperature each)"]
+    human = result["humaneval"]["codex_s"]["by_temperature"]["0.2"]
+    assert human["skipped_problems"] == 2 and human["num_problems"] == 2
+    # skipped problems count as failures over all problems: pass@1 0.25 over the 2 sampled
+    assert human["pass_at_k_all_problems"]["1"] == pytest.approx(0.125)
+
+
+def test_story_table_and_files(stage_outputs):
+    result = _build(stage_outputs)
+    text = story.format_story(result)
+    for row in ("validation loss on code", "held-out generated problems: codex pass@k",
+                "held-out generated problems: codex_s pass@k", "HumanEval: codex_s pass@k",
+                "best temperature per k", "pass@1 picking one of n samples",
+                "Codex vs Codex-S", "the paper's effects here:", "stage times (s"):
+        assert row in text, row
+    lines = text.splitlines()
+    header = lines.index("validation loss on code, by step (Codex fine-tuned vs from scratch)")
+    assert lines[header + 2].split() == ["10", "3.000", "5.000"]
+    written = story.write_story(result, stage_outputs / "story")
+    for key in ("loss_curves", "best_temperature", "ranking"):
+        assert written[key].read_bytes()[:4] == b"\x89PNG", key
+    saved = json.loads(written["json"].read_text())
+    assert saved["loss_curves"]["scratch"] == {"10": 5.0, "20": 3.4, "30": 2.8}
+    assert set(saved["plots"]) >= {"loss_curves", "best_temperature", "ranking"}
+    assert written["text"].read_text().strip() == text
+    assert not list((stage_outputs / "story").glob("*.tmp"))
+
+
+def test_story_errors_name_what_is_missing(stage_outputs):
+    with pytest.raises(DataError, match="no samples at the ranking temperature 0.6"):
+        story.build_story(
+            pretrained_run=stage_outputs / "codex", scratch_run=stage_outputs / "scratch",
+            heldout={m: stage_outputs / "passk" / m for m in ("codex", "codex_s")},
+            humaneval={}, ranking_temperature=0.6)
+    (stage_outputs / "passk" / "codex" / "temperature_0.8" / "summary.json").unlink()
+    with pytest.raises(DataError, match=r"temperature_0\.8/summary\.json: not found"):
+        _build(stage_outputs)
+    with pytest.raises(ValueError, match="codex_s"):
+        story.build_story(pretrained_run=stage_outputs / "codex",
+                          scratch_run=stage_outputs / "scratch",
+                          heldout={"codex": stage_outputs / "passk" / "codex"}, humaneval={},
+                          ranking_temperature=0.8)
+
+
+TINY = ["--model=tiny", "--model_override=max_len=512", "--vocab_size=512", "--log_every=2",
+        "--eval_batches=1"]
+STAGES = {
+    "corpus": ["--flagfile=experiments/configs/code_corpus.flags", "--max_files=60",
+               "--max_bytes=400000", "--validation_fraction=0.2"],
+    "base": TINY + ["--steps=4", "--batch_size=4", "--seq_len=128", "--eval_every=4",
+                    "--checkpoint_every=4", "--world_pretrain_docs=150", "--world_sft_train=20",
+                    "--world_eval=20", "--world_prompts=20"],
+    "codex": TINY + ["--steps=4", "--batch_size=4", "--seq_len=128", "--eval_every=2",
+                     "--checkpoint_every=4", "--learning_rate=1e-3", "--warmup_steps=1"],
+    "codex_data": ["--flagfile=experiments/configs/codex_data.flags", "--per_family_train=2",
+                   "--per_family_test=1", "--max_mined=4",
+                   "--max_prompt_chars=250"],
+    "codex_s": TINY + ["--steps=2", "--batch_size=4", "--seq_len=512", "--eval_every=2",
+                       "--checkpoint_every=2"],
+    "passk": ["--temperatures=0.2,0.8", "--n_samples=2", "--k=1,2", "--max_new_tokens=12",
+              "--batch_size=16"],
+    "humaneval": ["--temperature=0.2", "--n_samples=1", "--k=1", "--max_new_tokens=12",
+                  "--batch_size=64"],
+}
+ALL_STAGES = ("corpus", "base", "codex", "scratch", "codex_data", "codex_s", "passk_codex",
+              "passk_codex_s", "humaneval")
+
+
+def _story(tmp_path, flagfiles):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "experiments.codex", f"--workdir={tmp_path / 'run'}",
+           "--ranking_temperature=0.8",
+           *(f"--{name}_flags={path}" for name, path in flagfiles.items())]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=1500)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.mark.slow
+def test_codex_story_runs_every_stage_then_skips_them(tmp_path):
+    flagfiles = {}
+    for name, lines in STAGES.items():
+        flagfiles[name] = tmp_path / f"{name}.flags"
+        flagfiles[name].write_text("\n".join(lines) + "\n")
+    first = _story(tmp_path, flagfiles)
+    run = tmp_path / "run"
+    for path in ("code_corpus/report.json", "base/final_eval.json", "codex/final_eval.json",
+                 "scratch/final_eval.json", "codex_data/report.json", "codex_s/final_eval.json",
+                 "passk/codex/summary.json", "passk/codex_s/summary.json",
+                 "passk/humaneval_codex_s/summary.json"):
+        assert (run / path).is_file(), path
+    # the from-scratch run shares the base's tokenizer but not its weights
+    assert (run / "scratch" / "tokenizer.model").read_bytes() == \
+        (run / "base" / "tokenizer.model").read_bytes()
+    scratch_argv = json.loads((run / "scratch" / "run_config.json").read_text())["argv"]
+    assert not any(a.startswith("--init_from=") and a != "--init_from=" for a in scratch_argv)
+    saved = json.loads((run / "story" / "story.json").read_text())
+    assert set(saved["stage_seconds"]) == set(ALL_STAGES)
+    assert all(s > 0 for s in saved["stage_seconds"].values()), saved["stage_seconds"]
+    assert list(saved["loss_curves"]["pretrained"]) == ["2", "4"]
+    for model in ("codex", "codex_s"):
+        sweep = saved["heldout"][model]["by_temperature"]
+        assert list(sweep) == ["0.2", "0.8"]
+        assert all(r["n_samples"] == 2 and 0 <= r["pass_at_k"]["1"] <= 1 for r in sweep.values())
+        assert set(saved["heldout_effects"][model]["ranking_pass_at_1"]) == {
+            "mean_logprob", "sum_logprob", "random", "oracle"}
+    human = saved["humaneval"]["codex_s"]["by_temperature"]["0.2"]
+    assert human["num_problems"] + human["skipped_problems"] == 164
+    for png in ("loss_curves.png", "best_temperature_per_k.png", "ranking_pass_at_1.png"):
+        assert (run / "story" / png).read_bytes()[:4] == b"\x89PNG", png
+    for row in ("validation loss on code", "held-out generated problems: codex pass@k",
+                "held-out generated problems: codex_s pass@k", "HumanEval: codex_s pass@k",
+                "best temperature per k", "pass@1 picking one of n samples",
+                "the paper's effects here:"):
+        assert row in first.stdout, row
+    # A rerun finds every stage done, keeps the recorded stage times and rebuilds the report.
+    second = _story(tmp_path, flagfiles)
+    assert second.stderr.count("done already") == len(ALL_STAGES), second.stderr[-3000:]
+    again = json.loads((run / "story" / "story.json").read_text())
+    assert again["stage_seconds"] == saved["stage_seconds"]
