@@ -97,21 +97,17 @@ class ShardedIterator:
             it.set_state(state["shards"][str(s)])
 
 
-def eval_batches(make: Callable[[int], Sequence[dict[str, np.ndarray]]], num_shards: int,
-                 empty: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+def eval_batches(make: Callable[[int], Sequence[dict[str, np.ndarray]]], num_shards: int
                  ) -> list[dict[str, np.ndarray]]:
     """This process's share of every evaluation batch. Shards may hold different numbers of
-    batches; the shorter ones are filled with `empty(batch)` (rows that count for nothing) up
-    to the longest shard of all processes, so every process runs the same number of steps."""
+    batches; the shorter ones are filled with all-zero batches up to the longest shard of all
+    processes, so every process runs the same number of steps. Zeros are padding in every
+    batch layout here (segment id 0, loss mask 0, valid 0): they count for nothing."""
     per_shard = {s: list(make(s)) for s in owned(num_shards)}
     longest = max(_allgather_json(max(len(b) for b in per_shard.values())))
     template = next(b[0] for b in per_shard.values() if b)
     for batches in per_shard.values():
-        batches += [empty(template) for _ in range(longest - len(batches))]
+        batches += [{k: np.zeros_like(v) for k, v in template.items()}
+                    for _ in range(longest - len(batches))]
     return [_concat([per_shard[s][i] for s in per_shard]) for i in range(longest)]
 
-
-def zeros_like(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Rows of zeros: padding (segment id 0, loss mask 0, valid 0) in every batch layout
-    here, except packed comparisons, which pad themselves."""
-    return {k: np.zeros_like(v) for k, v in batch.items()}

@@ -182,7 +182,7 @@ def train_dpo(cfg: DPOConfig, argv: list[str] = ()) -> dict[str, float]:
     local_eval = shards.eval_batches(
         lambda s: pairs_lib.pair_batches(eval_pairs, tokenizer, shuffle=False, num_epochs=1,
                                          drop_remainder=False, shard_index=s, **common),
-        num_shards, shards.zeros_like)
+        num_shards)
     if train_cfg.eval_batches:
         local_eval = local_eval[:train_cfg.eval_batches]
 

@@ -176,8 +176,7 @@ def _datasets(cfg: RunConfig, tokenizer: Tokenizer, files: dict[str, str]):
         train_iter = shards.ShardedIterator(
             lambda s: batches(sources["train"], seed=cfg.train.seed, shard_index=s), num_shards)
         eval_batches = shards.eval_batches(
-            lambda s: batches(sources["eval"], shard_index=s, **finite), num_shards,
-            shards.zeros_like)
+            lambda s: batches(sources["eval"], shard_index=s, **finite), num_shards)
         # SFT outputs for the reward normalisation: the training responses, in order.
         sft_outputs = shards.ShardedIterator(
             lambda s: batches(sources["train"], shard_index=s, **finite), num_shards)
@@ -190,7 +189,7 @@ def _datasets(cfg: RunConfig, tokenizer: Tokenizer, files: dict[str, str]):
         lambda s: pipeline.eval_batches(sources["eval"], tokenizer, batch_size=per_shard,
                                         kind="lm" if cfg.task == "pretrain" else "sft",
                                         shard_index=s, **common),
-        num_shards, shards.zeros_like)
+        num_shards)
     if cfg.train.eval_batches:
         eval_batches = eval_batches[:cfg.train.eval_batches]
     return train_iter, eval_batches, None
