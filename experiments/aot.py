@@ -7,7 +7,9 @@ XLA's per-device memory analysis against a per-device memory budget.
       --seq_len=1024 --remat --compute_dtype=bfloat16 --device_memory_gib=16 --out=plan.json
 
 --measure also runs the step once on real arrays (small presets only) and prints what the
-first device really held, to check the plan against.
+first device really held, to check the plan against. --platform=gpu (or tpu) plans with the
+accelerator's own compiler on the real devices of this machine instead of a virtual mesh;
+with --measure it also reads the device allocator's peak.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ flags.DEFINE_string("model", None, "Size preset (instructjax/model/config.py PRE
 flags.DEFINE_enum("task", "train", ["train", "ppo"], "train: the LM train step (pretraining/"
                   "SFT); ppo: one PPO iteration (rollout + updates), PPO-ptx with --ptx_batch_size.")
 flags.DEFINE_string("mesh", "data:1,fsdp:-1,tensor:1", "Mesh as axis:size over data,fsdp,tensor.")
-flags.DEFINE_integer("devices", 8, "Virtual CPU devices in the mesh.")
+flags.DEFINE_integer("devices", 8, "Devices in the mesh (virtual CPU devices unless "
+                     "--platform names an accelerator).")
+flags.DEFINE_enum("platform", "cpu", ["cpu", "gpu", "tpu"], "cpu: a virtual mesh of CPU "
+                  "devices compiled by XLA:CPU; gpu/tpu: this machine's real devices.")
 flags.DEFINE_integer("batch_size", None, "Global sequences per step (ppo: prompts per rollout).")
 flags.DEFINE_integer("seq_len", None, "Tokens per sequence (ppo: prompt + response).")
 flags.DEFINE_float("device_memory_gib", 16.0, "Memory of one device, GiB.")
@@ -64,16 +69,21 @@ def main(argv):
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
     import jax
-    # The virtual mesh: CPU devices, as many as asked for, set before JAX starts.
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", cfg.devices)
+    if FLAGS.platform == "cpu":
+        # The virtual mesh: CPU devices, as many as asked for, set before JAX starts.
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", cfg.devices)
+    try:
+        devices = jax.devices(FLAGS.platform)
+    except RuntimeError as e:
+        raise SystemExit(f"error: --platform={FLAGS.platform}: {e}") from None
     from instructjax import memory_plan
     from instructjax.data.jsonl import write_json_atomic
     try:
-        result = memory_plan.plan(cfg, jax.devices("cpu"))
+        result = memory_plan.plan(cfg, devices)
         print(memory_plan.format_table(result))
         if FLAGS.measure:
-            result["measured"] = memory_plan.measure(cfg, jax.devices("cpu"))
+            result["measured"] = memory_plan.measure(cfg, devices)
             result["measured"].pop("plan")
             print("measured on the first device:", json.dumps(result["measured"]))
     except ConfigError as e:

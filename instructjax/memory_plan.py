@@ -383,7 +383,10 @@ def measure(cfg: PlanConfig, devices=None) -> dict[str, Any]:
     peak_ok = _reset_peak_rss()
     outputs = jax.block_until_ready(compiled(*args))
     peak_growth = (_status_kib("VmHWM") - rss_before) * 1024 if peak_ok else None
+    # Accelerators: the allocator's peak since start (both calls; each holds the same).
+    stats = device.memory_stats() if device.platform != "cpu" else None
     return {"plan": summarise(cfg, program, compiled, mesh=mesh),
+            "device_peak_bytes_in_use": (stats or {}).get("peak_bytes_in_use"),
             "arguments": arguments, "outputs": bytes_on_device(outputs, device),
             "donated_freed": arguments - bytes_on_device(args, device),
             "output_leaves": len(jax.tree.leaves(outputs)),

@@ -43,6 +43,9 @@ class ScalingConfig:
     workdir: str
     base: RunConfig
     models: tuple[tuple[str, ModelConfig], ...]
+    # One peak learning rate per size (else base's for all): the best rate falls with
+    # width, and one rate for all sizes makes the largest ones unstable or the smallest slow.
+    learning_rates: tuple[float, ...] | None = None
     irreducible: bool = False
 
     def __post_init__(self):
@@ -56,6 +59,10 @@ class ScalingConfig:
         if len(set(counts)) != len(counts):
             raise ConfigError(f"--sizes: two sizes have the same non-embedding parameter "
                               f"count ({dict(zip(names, counts))}); a fit needs distinct N")
+        if self.learning_rates is not None and (
+                len(self.learning_rates) != len(names) or min(self.learning_rates) <= 0):
+            raise ConfigError(f"--size_learning_rates: one positive rate per size in --sizes "
+                              f"({len(names)}), got {list(self.learning_rates)}")
         for name, model in self.models:
             if self.base.train.seq_len > model.max_len:
                 raise ConfigError(f"--seq_len ({self.base.train.seq_len}) exceeds the max_len "
@@ -186,12 +193,15 @@ def check_same_config(run_cfg: RunConfig, name: str) -> None:
                           f"({changes}); use a new --workdir for a different sweep")
 
 
-def size_run_config(cfg: ScalingConfig, name: str, model: ModelConfig,
-                    tokenizer_path: str) -> RunConfig:
-    """The pretraining run of one size: the shared run with this model, its own workdir,
-    the sweep's tokenizer and the sweep's prepared data."""
+def size_run_config(cfg: ScalingConfig, index: int, tokenizer_path: str) -> RunConfig:
+    """The pretraining run of size `index`: the shared run with this model (and learning
+    rate), its own workdir, the sweep's tokenizer and the sweep's prepared data."""
+    name, model = cfg.models[index]
     data = dataclasses.replace(cfg.base.data, tokenizer_path=tokenizer_path)
-    return dataclasses.replace(cfg.base, model=model, data=data,
+    optim = cfg.base.optim
+    if cfg.learning_rates is not None:
+        optim = dataclasses.replace(optim, learning_rate=cfg.learning_rates[index])
+    return dataclasses.replace(cfg.base, model=model, data=data, optim=optim,
                                workdir=str(Path(cfg.workdir) / name))
 
 
@@ -214,8 +224,8 @@ def run_sweep(cfg: ScalingConfig, argv: list[str] = ()) -> dict:
                                           files)
     tokens = cfg.base.train.steps * cfg.base.train.batch_size * cfg.base.train.seq_len
     rows = []
-    for name, model in cfg.models:
-        run_cfg = size_run_config(cfg, name, model, str(tokenizer.path))
+    for index, (name, model) in enumerate(cfg.models):
+        run_cfg = size_run_config(cfg, index, str(tokenizer.path))
         size_dir = Path(run_cfg.workdir)
         check_same_config(run_cfg, name)
         loss = _finished_loss(size_dir, cfg.base.train.steps)
@@ -235,7 +245,8 @@ def run_sweep(cfg: ScalingConfig, argv: list[str] = ()) -> dict:
             timing = json.loads((size_dir / TIMING_FILE).read_text())
             seconds, cpu_seconds = timing["seconds"], timing["cpu_seconds"]
         rows.append({"size": name, "non_embedding_params": model.num_params(non_embedding=True),
-                     "params": model.num_params(), "eval_loss": loss, "train_seconds": seconds,
+                     "params": model.num_params(),
+                     "learning_rate": run_cfg.optim.learning_rate, "eval_loss": loss, "train_seconds": seconds,
                      "train_cpu_seconds": cpu_seconds,
                      "workdir": str(size_dir)})
     fit = fit_power_law([r["non_embedding_params"] for r in rows],

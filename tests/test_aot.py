@@ -135,3 +135,10 @@ def test_entry_point_prints_the_table_and_writes_json(tmp_path):
                           "--batch_size=4", "--seq_len=16"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "unknown preset 'nope'" in bad.stderr
+    # --platform names an accelerator this machine lacks: said so, not a traceback.
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        gpu = subprocess.run([sys.executable, "-m", "experiments.aot", "--model=tiny",
+                              "--platform=gpu", "--devices=1", "--batch_size=4",
+                              "--seq_len=16"], cwd=ROOT, env=dict(os.environ),
+                             capture_output=True, text=True, timeout=120)
+        assert gpu.returncode != 0 and "error: --platform=gpu:" in gpu.stderr

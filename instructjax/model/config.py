@@ -98,13 +98,16 @@ PRESETS: dict[str, dict] = {
     "tiny": _gpt2(64, 2, 4, vocab=512, max_len=128),
     "llama-tiny": _llama(64, 2, 4, 2, 172, vocab=512, max_len=128),
     "demo": _gpt2(128, 4, 4, vocab=2048, max_len=256),
-    # A scaling sweep on a CPU: non-embedding parameters from ~25k to ~3M (>100x).
-    "scale-1": _gpt2(32, 2, 2, vocab=2048, max_len=256),
-    "scale-2": _gpt2(48, 2, 3, vocab=2048, max_len=256),
-    "scale-3": _gpt2(64, 3, 4, vocab=2048, max_len=256),
-    "scale-4": _gpt2(96, 4, 4, vocab=2048, max_len=256),
-    "scale-5": _gpt2(128, 5, 4, vocab=2048, max_len=256),
-    "scale-6": _gpt2(192, 6, 6, vocab=2048, max_len=256),
+    # A scaling sweep on a CPU: one depth (4 layers) and one head size (16), widths spaced
+    # evenly in log N; non-embedding parameters from 51k (scale-1) to 1.8M (scale-5, 35x).
+    # One shape family on purpose: at this budget 2-layer models plateau where deeper ones
+    # do not, which mixes a depth effect into the size trend.
+    "scale-1": _gpt2(32, 4, 2, vocab=2048, max_len=256),
+    "scale-2": _gpt2(48, 4, 3, vocab=2048, max_len=256),
+    "scale-3": _gpt2(80, 4, 5, vocab=2048, max_len=256),
+    "scale-4": _gpt2(128, 4, 8, vocab=2048, max_len=256),
+    "scale-5": _gpt2(192, 4, 12, vocab=2048, max_len=256),
+    "scale-6": _gpt2(256, 4, 16, vocab=2048, max_len=256),
     # The throughput benchmark's model.
     "bench-512": _gpt2(512, 8, 8, vocab=8192, max_len=512),
     # Real shapes.
