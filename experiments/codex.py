@@ -2,8 +2,9 @@
 
   code corpus -> base LM (embedded world; whitespace-run tokenizer) -> Codex (base fine-tuned
   on code) and the same model from scratch -> Codex-S data (generated problems, mined
-  functions) -> Codex-S (Codex fine-tuned on standalone functions) -> pass@k on held-out
-  generated problems (temperature sweep, rankings) and on HumanEval -> the report
+  functions) -> Codex-S (Codex fine-tuned on standalone functions) -> pass@k on generated
+  problems of held-out families and on new problems of the training families (temperature
+  sweeps, rankings) and on HumanEval -> the report
 
 Each stage runs as its own experiment script in a subprocess with its own flagfile; a stage
 whose final output exists is skipped, and an interrupted training stage resumes from its
@@ -32,6 +33,8 @@ flags.DEFINE_string("codex_data_flags", None, "Flagfile of experiments.codex_dat
 flags.DEFINE_string("codex_s_flags", None, "Flagfile of the Codex-S fine-tuning.")
 flags.DEFINE_string("passk_flags", None, "Flagfile of experiments.passk on the held-out "
                     "generated problems (a temperature sweep).")
+flags.DEFINE_string("passk_new_flags", "", "Flagfile of experiments.passk on new problems "
+                    "of the training families; empty = left out.")
 flags.DEFINE_string("humaneval_flags", "", "Flagfile of experiments.passk on HumanEval "
                     "(Codex-S); empty = left out.")
 flags.DEFINE_float("ranking_temperature", 0.8, "Temperature whose samples the rankings "
@@ -74,6 +77,12 @@ def run_stages(root: Path) -> dict[str, float]:
         stage(f"passk_{model}", "experiments.passk", FLAGS.passk_flags, out / "summary.json",
               [f"--checkpoint={root / model}", f"--problems={codex_data / 'problems_test.jsonl'}",
                f"--out={out}"], flag="passk_flags")
+        if FLAGS.passk_new_flags:
+            out = root / "passk_new" / model
+            stage(f"passk_new_{model}", "experiments.passk", FLAGS.passk_new_flags,
+                  out / "summary.json", [f"--checkpoint={root / model}", "--problems="
+                                         f"{codex_data / 'problems_new_instances.jsonl'}",
+                                         f"--out={out}"], flag="passk_new_flags")
     if FLAGS.humaneval_flags:
         out = root / "passk" / "humaneval_codex_s"
         stage("humaneval", "experiments.passk", FLAGS.humaneval_flags, out / "summary.json",
@@ -109,6 +118,8 @@ def main(argv):
         result = story.build_story(
             pretrained_run=root / "codex", scratch_run=root / "scratch",
             heldout={m: root / "passk" / m for m in ("codex", "codex_s")}, humaneval=humaneval,
+            new_instances=({m: root / "passk_new" / m for m in ("codex", "codex_s")}
+                           if FLAGS.passk_new_flags else None),
             ranking_temperature=FLAGS.ranking_temperature, stage_seconds=seconds)
         written = story.write_story(result, root / "story")
     except (DataError, ValueError) as e:

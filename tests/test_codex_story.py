@@ -74,10 +74,15 @@ def stage_outputs(tmp_path):
     _write_metrics(tmp_path / "scratch", {10: 5.0, 20: 3.4, 30: 2.8})
     _write_sweep(tmp_path / "passk" / "codex", CODEX)
     _write_sweep(tmp_path / "passk" / "codex_s", CODEX_S)
+    _write_sweep(tmp_path / "passk_new" / "codex", CODEX_S)  # another set: other results
+    _write_sweep(tmp_path / "passk_new" / "codex_s", CODEX)
     human = tmp_path / "passk" / "humaneval"
     human.mkdir()
     (human / "summary.json").write_text(json.dumps(_summary([[F, P], [F, F]], 0.2, skipped=2)))
     return tmp_path
+
+
+FAMILIES = "held-out families"
 
 
 def _build(root, **kw):
@@ -118,8 +123,10 @@ def test_convergence_compares_shared_steps():
 
 
 def test_story_reports_the_effects_the_stage_outputs_show(stage_outputs):
-    result = _build(stage_outputs)
-    effects = result["heldout_effects"]
+    result = _build(stage_outputs, new_instances={
+        m: stage_outputs / "passk_new" / m for m in ("codex", "codex_s")})
+    assert list(result["evaluations"]) == [FAMILIES, story.NEW_INSTANCES]
+    effects = result["evaluations"][FAMILIES]["effects"]
     for name, sweep in (("codex", CODEX), ("codex_s", CODEX_S)):
         curves = {t: {int(k): v for k, v in _summary(rows, t)["pass_at_k"].items()}
                   for t, rows in sweep.items()}
@@ -132,7 +139,11 @@ def test_story_reports_the_effects_the_stage_outputs_show(stage_outputs):
     assert effects["codex"]["mean_logprob_beats_random"]
     claims = result["paper_effects"]
     assert claims["pretrained start converges faster (lower validation loss at every eval step)"]
-    assert claims["Codex-S pass@1 > Codex pass@1 on held-out problems (best temperature each)"]
+    assert claims[f"{FAMILIES}: Codex-S pass@1 > Codex pass@1 (best temperature each)"]
+    # The new-instance set holds the two sweeps swapped: Codex-S does worse there.
+    assert not claims[f"{story.NEW_INSTANCES}: Codex-S pass@1 > Codex pass@1 (best "
+                      "temperature each)"]
+    assert claims[f"{story.NEW_INSTANCES}: codex_s: best temperature for pass@4 > for pass@1"]
     human = result["humaneval"]["codex_s"]["by_temperature"]["0.2"]
     assert human["skipped_problems"] == 2 and human["num_problems"] == 2
     # skipped problems count as failures over all problems: pass@1 0.25 over the 2 sampled
@@ -142,9 +153,9 @@ def test_story_reports_the_effects_the_stage_outputs_show(stage_outputs):
 def test_story_table_and_files(stage_outputs):
     result = _build(stage_outputs)
     text = story.format_story(result)
-    for row in ("validation loss on code", "held-out generated problems: codex pass@k",
-                "held-out generated problems: codex_s pass@k", "HumanEval: codex_s pass@k",
-                "best temperature per k", "pass@1 picking one of n samples",
+    for row in ("validation loss on code", f"generated problems, {FAMILIES}: codex pass@k",
+                f"generated problems, {FAMILIES}: codex_s pass@k", "HumanEval: codex_s pass@k",
+                f"best temperature per k ({FAMILIES})", "pass@1 picking one of n samples",
                 "Codex vs Codex-S", "the paper's effects here:", "stage times (s"):
         assert row in text, row
     lines = text.splitlines()
@@ -193,11 +204,13 @@ STAGES = {
                        "--checkpoint_every=2"],
     "passk": ["--temperatures=0.2,0.8", "--n_samples=2", "--k=1,2", "--max_new_tokens=12",
               "--batch_size=16"],
+    "passk_new": ["--temperatures=0.8", "--n_samples=2", "--k=1,2", "--max_new_tokens=12",
+                  "--batch_size=16"],
     "humaneval": ["--temperature=0.2", "--n_samples=1", "--k=1", "--max_new_tokens=12",
                   "--batch_size=64"],
 }
 ALL_STAGES = ("corpus", "base", "codex", "scratch", "codex_data", "codex_s", "passk_codex",
-              "passk_codex_s", "humaneval")
+              "passk_new_codex", "passk_codex_s", "passk_new_codex_s", "humaneval")
 
 
 def _story(tmp_path, flagfiles):
@@ -222,6 +235,7 @@ def test_codex_story_runs_every_stage_then_skips_them(tmp_path):
     for path in ("code_corpus/report.json", "base/final_eval.json", "codex/final_eval.json",
                  "scratch/final_eval.json", "codex_data/report.json", "codex_s/final_eval.json",
                  "passk/codex/summary.json", "passk/codex_s/summary.json",
+                 "passk_new/codex/summary.json", "passk_new/codex_s/summary.json",
                  "passk/humaneval_codex_s/summary.json"):
         assert (run / path).is_file(), path
     # the from-scratch run shares the base's tokenizer but not its weights
@@ -233,20 +247,23 @@ def test_codex_story_runs_every_stage_then_skips_them(tmp_path):
     assert set(saved["stage_seconds"]) == set(ALL_STAGES)
     assert all(s > 0 for s in saved["stage_seconds"].values()), saved["stage_seconds"]
     assert list(saved["loss_curves"]["pretrained"]) == ["2", "4"]
-    for model in ("codex", "codex_s"):
-        sweep = saved["heldout"][model]["by_temperature"]
-        assert list(sweep) == ["0.2", "0.8"]
-        assert all(r["n_samples"] == 2 and 0 <= r["pass_at_k"]["1"] <= 1 for r in sweep.values())
-        assert set(saved["heldout_effects"][model]["ranking_pass_at_1"]) == {
-            "mean_logprob", "sum_logprob", "random", "oracle"}
+    for title, temperatures in ((FAMILIES, ["0.2", "0.8"]), (story.NEW_INSTANCES, ["0.8"])):
+        evaluation = saved["evaluations"][title]
+        for model in ("codex", "codex_s"):
+            sweep = evaluation["runs"][model]["by_temperature"]
+            assert list(sweep) == temperatures
+            assert all(r["n_samples"] == 2 and 0 <= r["pass_at_k"]["1"] <= 1
+                       for r in sweep.values())
+            assert set(evaluation["effects"][model]["ranking_pass_at_1"]) == {
+                "mean_logprob", "sum_logprob", "random", "oracle"}
     human = saved["humaneval"]["codex_s"]["by_temperature"]["0.2"]
     assert human["num_problems"] + human["skipped_problems"] == 164
     for png in ("loss_curves.png", "best_temperature_per_k.png", "ranking_pass_at_1.png"):
         assert (run / "story" / png).read_bytes()[:4] == b"\x89PNG", png
-    for row in ("validation loss on code", "held-out generated problems: codex pass@k",
-                "held-out generated problems: codex_s pass@k", "HumanEval: codex_s pass@k",
-                "best temperature per k", "pass@1 picking one of n samples",
-                "the paper's effects here:"):
+    for row in ("validation loss on code", f"generated problems, {FAMILIES}: codex pass@k",
+                f"generated problems, {story.NEW_INSTANCES}: codex_s pass@k",
+                "HumanEval: codex_s pass@k", "best temperature per k",
+                "pass@1 picking one of n samples", "the paper's effects here:"):
         assert row in first.stdout, row
     # A rerun finds every stage done, keeps the recorded stage times and rebuilds the report.
     second = _story(tmp_path, flagfiles)

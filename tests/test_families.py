@@ -80,6 +80,13 @@ def test_family_split_is_disjoint_and_files_load(tmp_path):
     assert (tuple(sorted(train_fams)), tuple(sorted(test_fams))) == families.split_families(1, 0.3)
     assert len(test) == 3 * len(test_fams) and len(train) == 2 * len(train_fams)
     assert set(canonical_solutions(paths["test"])) == set(test)
+    # New instances: later problems of the training families, none with a training body.
+    new = [json.loads(line) for line in open(paths["new_instances"])]
+    train_bodies = set(canonical_solutions(paths["train"]).values())
+    assert new and {p["family"] for p in new} <= train_fams
+    assert not {p["task_id"] for p in new} & set(train)
+    assert all(int(p["task_id"].rsplit("/", 1)[1]) >= 2 for p in new)
+    assert not {p["canonical_solution"] for p in new} & train_bodies
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +153,8 @@ def test_write_codex_data_round_trips_through_sft_pipeline(tmp_path):
     n_train, n_test = report["generated"]["train_problems"], report["generated"]["test_problems"]
     assert report["records"] == {"codex_s_train": n_train, "codex_d_train": n_train,
                                  "codex_s_eval": n_test, "codex_d_eval": n_test}
-    assert report["generated"]["sandbox_labels"] == {"passed": n_train + n_test}
+    n_new = report["generated"]["new_instance_problems"]
+    assert report["generated"]["sandbox_labels"] == {"passed": n_train + n_test + n_new}
     again = codex_data.write_codex_data(out, 0, [], per_family_train=1, per_family_test=1,
                                         max_mined=0, sandbox=SandboxConfig(workers=2))
     assert again["reused"] and again["fingerprint"] == report["fingerprint"]

@@ -10,11 +10,12 @@ response = the docstring text, each line indented 4 spaces (so no Codex stop seq
 can occur in it). `backtranslation_prompt` puts a generated docstring back under the
 signature, making a Codex-S prompt to sample code from.
 
-Files written into out_dir (each atomically): problems_train.jsonl, problems_test.jsonl
-(HumanEval format; test = held-out families), mined_problems.jsonl (HumanEval format plus
-"split": train/eval; may be empty), codex_s_train.jsonl, codex_s_eval.jsonl,
-codex_d_train.jsonl, codex_d_eval.jsonl and report.json (last). A rerun with the same
-settings, corpus files and generator code reuses them.
+Files written into out_dir (each atomically): problems_train.jsonl, problems_test.jsonl,
+problems_new_instances.jsonl (HumanEval format; test = held-out families, new_instances =
+new problems of the training families, see families.problem_splits), mined_problems.jsonl
+(HumanEval format plus "split": train/eval; may be empty), codex_s_train.jsonl,
+codex_s_eval.jsonl, codex_d_train.jsonl, codex_d_eval.jsonl and report.json (last). A rerun
+with the same settings, corpus files and generator code reuses them.
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ from instructjax.config import ConfigError
 from instructjax.data.jsonl import write_json_atomic, write_jsonl_atomic
 
 DOCSTRING_REQUEST = "\n\n# The docstring of {name}:\n"
-OUTPUTS = ("problems_train.jsonl", "problems_test.jsonl", "mined_problems.jsonl",
+OUTPUTS = ("problems_train.jsonl", "problems_test.jsonl", "problems_new_instances.jsonl",
+           "mined_problems.jsonl",
            "codex_s_train.jsonl", "codex_s_eval.jsonl", "codex_d_train.jsonl",
            "codex_d_eval.jsonl", "report.json")
-_FORMAT_VERSION = 1  # bump when the record formats change
+_FORMAT_VERSION = 2  # bump when the record formats change
 _SOURCES = ("families.py", "family_lists.py", "family_strings.py", "mining.py", "codex_data.py")
 
 
@@ -194,9 +196,10 @@ def build_codex_data(cfg: CodexDataConfig, progress: Callable[[str], None] | Non
 
     splits = families.problem_splits(cfg.seed, cfg.per_family_train, cfg.per_family_test,
                                      cfg.test_fraction)
-    say(f"codex data: {len(splits['train'])} train / {len(splits['test'])} held-out generated "
-        f"problems; checking them in the sandbox")
-    verified = _verify_generated(splits["train"] + splits["test"], cfg.sandbox)
+    say(f"codex data: {len(splits['train'])} train / {len(splits['test'])} held-out-family / "
+        f"{len(splits['new_instances'])} new-instance generated problems; checking them in "
+        "the sandbox")
+    verified = _verify_generated([p for split in splits.values() for p in split], cfg.sandbox)
     mined, mining_report = ([], {"kept": 0}) if not cfg.max_mined else mining.mine(
         cfg.corpus_files, cfg.sandbox, cfg.max_mined, max_body_lines=cfg.max_body_lines,
         max_prompt_chars=cfg.max_prompt_chars, progress=say)
@@ -205,8 +208,8 @@ def build_codex_data(cfg: CodexDataConfig, progress: Callable[[str], None] | Non
     mined_split = {s: [p for p in mined if p["split"] == s] for s in ("train", "eval")}
     sets = {"train": splits["train"] + mined_split["train"], "eval": splits["test"] + mined_split["eval"]}
 
-    write_jsonl_atomic(out / "problems_train.jsonl", splits["train"])
-    write_jsonl_atomic(out / "problems_test.jsonl", splits["test"])
+    for split, problems in splits.items():
+        write_jsonl_atomic(out / f"problems_{split}.jsonl", problems)
     write_jsonl_atomic(out / "mined_problems.jsonl", mined)
     counts = {}
     for split, problems in sets.items():
@@ -220,6 +223,7 @@ def build_codex_data(cfg: CodexDataConfig, progress: Callable[[str], None] | Non
         "settings": {**dataclasses.asdict(cfg), "corpus_files": list(cfg.corpus_files)},
         "generated": {"train_families": list(train_families), "test_families": list(test_families),
                       "train_problems": len(splits["train"]), "test_problems": len(splits["test"]),
+                      "new_instance_problems": len(splits["new_instances"]),
                       "sandbox_labels": verified},
         "mining": {**mining_report, "train": len(mined_split["train"]),
                    "eval": len(mined_split["eval"])},
@@ -241,7 +245,8 @@ def write_codex_data(out_dir: str | Path, seed: int, corpus_files: Sequence[str 
 def format_report(report: dict) -> str:
     gen, mined = report["generated"], report["mining"]
     rows = [f"generated: {gen['train_problems']} train problems from {len(gen['train_families'])} "
-            f"families, {gen['test_problems']} held-out from {gen['test_families']}",
+            f"families, {gen['test_problems']} held-out from {gen['test_families']}, "
+            f"{gen.get('new_instance_problems', 0)} new problems of the training families",
             f"mined: {mined.get('candidates', 0)} functions with doctests, kept {mined['kept']} "
             f"({mined['train']} train / {mined['eval']} eval)"]
     for reason, n in mined.get("rejected", {}).items():

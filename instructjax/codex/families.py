@@ -156,16 +156,26 @@ def split_families(seed: int, test_fraction: float) -> tuple[tuple[str, ...], tu
 
 def problem_splits(seed: int, per_family_train: int, per_family_test: int,
                    test_fraction: float) -> dict[str, list[dict]]:
-    """{"train": problems of the training families, "test": of the held-out families}."""
+    """{"train": problems of the training families, "test": of the held-out families,
+    "new_instances": up to per_family_test more problems of each TRAINING family whose
+    canonical body is the body of no training problem}. New instances ask for a known idea
+    with other constants, names or phrasing: an easier held-out set than new families."""
     train_families, test_families = split_families(seed, test_fraction)
-    return {"train": generate(seed, per_family_train, train_families),
-            "test": generate(seed, per_family_test, test_families)}
+    more = generate(seed, per_family_train + per_family_test, train_families)
+    index = {id(p): int(p["task_id"].rsplit("/", 1)[1]) for p in more}
+    train = [p for p in more if index[id(p)] < per_family_train]
+    bodies = {p["canonical_solution"] for p in train}
+    new = [p for p in more if index[id(p)] >= per_family_train
+           and p["canonical_solution"] not in bodies]
+    return {"train": train, "test": generate(seed, per_family_test, test_families),
+            "new_instances": new}
 
 
 def write_problem_files(out_dir: str | Path, seed: int, per_family_train: int,
                         per_family_test: int, test_fraction: float) -> dict[str, Path]:
-    """Writes problems_train.jsonl and problems_test.jsonl (atomically) into out_dir, in the
-    format instructjax.codex.problems.load_problems reads; returns {"train", "test"} paths."""
+    """Writes problems_<split>.jsonl for each split of `problem_splits` (atomically) into
+    out_dir, in the format instructjax.codex.problems.load_problems reads; returns
+    {split: path}."""
     splits = problem_splits(seed, per_family_train, per_family_test, test_fraction)
     paths = {split: Path(out_dir) / f"problems_{split}.jsonl" for split in splits}
     for split, problems in splits.items():

@@ -129,36 +129,47 @@ def passk_effects(run: dict, ranking_temperature: float) -> dict:
             ranks["mean_logprob"] > ranks["random"]}
 
 
+NEW_INSTANCES = "new problems of the training families"
+
+
 def build_story(*, pretrained_run: str | Path, scratch_run: str | Path,
                 heldout: Mapping[str, str | Path], humaneval: Mapping[str, str | Path],
-                ranking_temperature: float, stage_seconds: Mapping[str, float] | None = None
-                ) -> dict:
-    """Everything the report shows, as plain JSON-ready data. `heldout` and `humaneval` map
-    a model name to its pass@k output directory; heldout must name "codex" and "codex_s"."""
-    missing = {"codex", "codex_s"} - set(heldout)
-    if missing:
-        raise ValueError(f"heldout pass@k runs missing for {sorted(missing)}")
+                ranking_temperature: float, stage_seconds: Mapping[str, float] | None = None,
+                new_instances: Mapping[str, str | Path] | None = None) -> dict:
+    """Everything the report shows, as plain JSON-ready data. `heldout` (problems of
+    held-out families), `new_instances` (optional: new problems of the training families)
+    and `humaneval` map a model name to its pass@k output directory; heldout, and
+    new_instances when given, must name "codex" and "codex_s"."""
+    sets = {"held-out families": heldout, **({NEW_INSTANCES: new_instances} if new_instances
+                                             else {})}
+    for title, runs in sets.items():
+        missing = {"codex", "codex_s"} - set(runs)
+        if missing:
+            raise ValueError(f"{title}: pass@k runs missing for {sorted(missing)}")
     loss = {"pretrained": read_eval_curve(Path(pretrained_run) / "metrics.jsonl"),
             "scratch": read_eval_curve(Path(scratch_run) / "metrics.jsonl")}
-    runs = {name: read_passk_run(d) for name, d in heldout.items()}
-    effects = {name: passk_effects(r, ranking_temperature) for name, r in runs.items()}
     convergence = compare_convergence(loss["pretrained"], loss["scratch"])
+    evaluations = {}
+    claims = {"pretrained start converges faster (lower validation loss at every eval step)":
+              convergence["pretrained_lower_at_every_step"]}
+    for title, dirs in sets.items():
+        runs = {name: read_passk_run(d) for name, d in dirs.items()}
+        effects = {name: passk_effects(r, ranking_temperature) for name, r in runs.items()}
+        evaluations[title] = {"runs": runs, "effects": effects}
+        claims[f"{title}: Codex-S pass@1 > Codex pass@1 (best temperature each)"] = (
+            effects["codex_s"]["best_pass_at_1"] > effects["codex"]["best_pass_at_1"])
+        for name, e in effects.items():
+            claims[f"{title}: {name}: best temperature for pass@{e['largest_k']} > for "
+                   "pass@1"] = e["best_temperature_rises_with_k"]
+            claims[f"{title}: {name}: mean-log-prob ranking beats random (T = "
+                   f"{ranking_temperature:g})"] = e["mean_logprob_beats_random"]
     return {
         "stage_seconds": dict(stage_seconds or {}),
         "loss_curves": {name: {str(s): v for s, v in c.items()} for name, c in loss.items()},
         "convergence": convergence,
-        "heldout": runs,
-        "heldout_effects": effects,
+        "evaluations": evaluations,
         "humaneval": {name: read_passk_run(d) for name, d in humaneval.items()},
-        "paper_effects": {
-            "pretrained start converges faster (lower validation loss at every eval step)":
-                convergence["pretrained_lower_at_every_step"],
-            "Codex-S pass@1 > Codex pass@1 on held-out problems (best temperature each)":
-                effects["codex_s"]["best_pass_at_1"] > effects["codex"]["best_pass_at_1"],
-            **{f"{name}: best temperature for pass@{e['largest_k']} > for pass@1":
-               e["best_temperature_rises_with_k"] for name, e in effects.items()},
-            **{f"{name}: mean-log-prob ranking beats random (T = {ranking_temperature:g})":
-               e["mean_logprob_beats_random"] for name, e in effects.items()}},
+        "paper_effects": claims,
     }
 
 
@@ -185,27 +196,28 @@ def format_story(story: dict) -> str:
     for s in steps:
         lines.append(_row((s, _f(loss["pretrained"].get(str(s))), _f(loss["scratch"].get(str(s)))),
                           widths))
-    for title, runs in (("held-out generated problems", story["heldout"]),
-                        ("HumanEval", story["humaneval"])):
+    sections = [(f"generated problems, {title}", ev["runs"])
+                for title, ev in story["evaluations"].items()]
+    for title, runs in sections + [("HumanEval", story["humaneval"])]:
         for name, run in runs.items():
             lines += ["", f"{title}: {name} pass@k by temperature (over all problems; "
                       f"ones skipped as too long for the context count as failures)"]
             lines += _passk_rows(run)
-    lines += ["", "best temperature per k (held-out)"]
-    for name, e in story["heldout_effects"].items():
-        lines.append(f"  {name:<8} " + ", ".join(
-            f"k={k}: T={b['temperature']:g} ({b['pass_at_k']:.3f})"
-            for k, b in e["best_temperature_per_k"].items()))
-    lines += ["", "pass@1 picking one of n samples (held-out)"]
-    widths = (10, 6, 13, 12, 8, 8)
-    lines.append(_row(("model", "T", *RANKINGS), widths))
-    for name, e in story["heldout_effects"].items():
-        r = e["ranking_pass_at_1"]
-        lines.append(_row((name, f"{e['ranking_temperature']:g}",
-                           *(_f(r.get(k)) for k in RANKINGS)), widths))
-    lines += ["", "Codex vs Codex-S, pass@1 on held-out problems at the best temperature: " +
-              ", ".join(f"{n} {e['best_pass_at_1']:.3f}"
-                        for n, e in story["heldout_effects"].items())]
+    for title, ev in story["evaluations"].items():
+        lines += ["", f"best temperature per k ({title})"]
+        for name, e in ev["effects"].items():
+            lines.append(f"  {name:<8} " + ", ".join(
+                f"k={k}: T={b['temperature']:g} ({b['pass_at_k']:.3f})"
+                for k, b in e["best_temperature_per_k"].items()))
+        lines += ["", f"pass@1 picking one of n samples ({title})"]
+        widths = (10, 6, 13, 12, 8, 8)
+        lines.append(_row(("model", "T", *RANKINGS), widths))
+        for name, e in ev["effects"].items():
+            r = e["ranking_pass_at_1"]
+            lines.append(_row((name, f"{e['ranking_temperature']:g}",
+                               *(_f(r.get(k)) for k in RANKINGS)), widths))
+        lines += ["", f"Codex vs Codex-S, pass@1 at the best temperature ({title}): " +
+                  ", ".join(f"{n} {e['best_pass_at_1']:.3f}" for n, e in ev["effects"].items())]
     lines += ["", "the paper's effects here:"]
     lines += [f"  [{'yes' if ok else 'no '}] {claim}" for claim, ok in
               story["paper_effects"].items()]
@@ -224,24 +236,34 @@ def _passk_rows(run: dict) -> list[str]:
     return rows
 
 
+_SHORT = {"held-out families": "new families", NEW_INSTANCES: "new problems"}
+
+
+def _label(name: str, title: str, story: dict) -> str:
+    """A model's name in plots: with its problem set once there is more than one."""
+    return name if len(story["evaluations"]) == 1 else f"{name}\n({_SHORT.get(title, title)})"
+
+
 def write_story(story: dict, out_dir: str | Path) -> dict[str, Path]:
     """story.json, story.txt and the plots (loss curves, best temperature per k, pass@1 by
     ranking) into out_dir; the per-model pass@k-vs-k plots stay where experiments.passk
     wrote them and are listed in story.json."""
     from instructjax.codex import story_plots
     out = Path(out_dir)
+    effects = [(t, n, e) for t, ev in story["evaluations"].items()
+               for n, e in ev["effects"].items()]
     written = {"loss_curves": story_plots.plot_loss_curves(
         {"fine-tuned from the base LM": story["loss_curves"]["pretrained"],
          "from scratch": story["loss_curves"]["scratch"]}, out / "loss_curves.png"),
         "best_temperature": story_plots.plot_best_temperature(
-            {n: e["best_temperature_per_k"] for n, e in story["heldout_effects"].items()},
+            {_label(n, t, story): e["best_temperature_per_k"] for t, n, e in effects},
             out / "best_temperature_per_k.png"),
         "ranking": story_plots.plot_rankings(
-            {n: e["ranking_pass_at_1"] for n, e in story["heldout_effects"].items()},
-            out / "ranking_pass_at_1.png",
-            temperature=story["heldout_effects"]["codex"]["ranking_temperature"])}
-    passk_plots = {f"passk_vs_k_{n}": Path(r["dir"]) / "passk_vs_k.png"
-                   for n, r in story["heldout"].items()}
+            {_label(n, t, story): e["ranking_pass_at_1"] for t, n, e in effects},
+            out / "ranking_pass_at_1.png", temperature=effects[0][2]["ranking_temperature"])}
+    passk_plots = {f"passk_vs_k_{n}_{_SHORT.get(t, t).replace(' ', '_')}":
+                   Path(r["dir"]) / "passk_vs_k.png"
+                   for t, ev in story["evaluations"].items() for n, r in ev["runs"].items()}
     record = {**story, "plots": {**{k: str(v) for k, v in written.items()},
                                  **{k: str(v) for k, v in passk_plots.items() if v.exists()}}}
     write_json_atomic(out / "story.json", record)
