@@ -17,6 +17,8 @@ flags.DEFINE_list("sizes", [], "Model size presets to sweep, smallest first (see
                   "instructjax/model/config.py PRESETS).")
 flags.DEFINE_list("size_learning_rates", [], "Peak learning rate of each size, in the "
                   "order of --sizes; empty: --learning_rate for all.")
+flags.DEFINE_list("seeds", [], "Train each size once per seed and fit the mean loss (the "
+                  "table and plot show the spread); empty: --seed only.")
 flags.DEFINE_bool("fit_irreducible", False,
                   "Also fit an irreducible loss: L = L_inf + (N / N_c)^-alpha.")
 FLAGS = flags.FLAGS
@@ -28,13 +30,14 @@ def build_config():
         raise flags.ValidationError("--sizes is required, e.g. --sizes=scale-1,scale-2,scale-3")
     try:
         rates = tuple(float(r) for r in FLAGS.size_learning_rates) or None
+        seeds = tuple(int(s) for s in FLAGS.seeds)
     except ValueError:
-        raise flags.ValidationError(f"--size_learning_rates: numbers expected, got "
-                                    f"{FLAGS.size_learning_rates}") from None
+        raise flags.ValidationError(f"--size_learning_rates / --seeds: numbers expected, got "
+                                    f"{FLAGS.size_learning_rates} / {FLAGS.seeds}") from None
     return ScalingConfig(
         workdir=FLAGS.workdir, base=common.run_config_from_flags("pretrain"),
         models=tuple((name, common.model_config_from_flags(name)) for name in FLAGS.sizes),
-        learning_rates=rates, irreducible=FLAGS.fit_irreducible)
+        learning_rates=rates, seeds=seeds, irreducible=FLAGS.fit_irreducible)
 
 
 if __name__ == "__main__":

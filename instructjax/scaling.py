@@ -46,6 +46,10 @@ class ScalingConfig:
     # One peak learning rate per size (else base's for all): the best rate falls with
     # width, and one rate for all sizes makes the largest ones unstable or the smallest slow.
     learning_rates: tuple[float, ...] | None = None
+    # Seeds to train each size with (default: base's one seed). With several, a size's loss
+    # is their mean and its spread is reported: at small budgets the seed alone can move
+    # a small model's loss as much as a size step does.
+    seeds: tuple[int, ...] = ()
     irreducible: bool = False
 
     def __post_init__(self):
@@ -63,6 +67,8 @@ class ScalingConfig:
                 len(self.learning_rates) != len(names) or min(self.learning_rates) <= 0):
             raise ConfigError(f"--size_learning_rates: one positive rate per size in --sizes "
                               f"({len(names)}), got {list(self.learning_rates)}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"--seeds: each seed once, got {list(self.seeds)}")
         for name, model in self.models:
             if self.base.train.seq_len > model.max_len:
                 raise ConfigError(f"--seq_len ({self.base.train.seq_len}) exceeds the max_len "
@@ -193,22 +199,56 @@ def check_same_config(run_cfg: RunConfig, name: str) -> None:
                           f"({changes}); use a new --workdir for a different sweep")
 
 
-def size_run_config(cfg: ScalingConfig, index: int, tokenizer_path: str) -> RunConfig:
-    """The pretraining run of size `index`: the shared run with this model (and learning
-    rate), its own workdir, the sweep's tokenizer and the sweep's prepared data."""
+def size_run_config(cfg: ScalingConfig, index: int, tokenizer_path: str,
+                    seed: int | None = None) -> RunConfig:
+    """The pretraining run of size `index` (and `seed`): the shared run with this model,
+    learning rate and seed, its own workdir (<size>, or <size>/seed_<s> when the sweep has
+    several seeds), the sweep's tokenizer and the sweep's prepared data."""
     name, model = cfg.models[index]
     data = dataclasses.replace(cfg.base.data, tokenizer_path=tokenizer_path)
     optim = cfg.base.optim
     if cfg.learning_rates is not None:
         optim = dataclasses.replace(optim, learning_rate=cfg.learning_rates[index])
-    return dataclasses.replace(cfg.base, model=model, data=data, optim=optim,
-                               workdir=str(Path(cfg.workdir) / name))
+    train = cfg.base.train if seed is None else dataclasses.replace(cfg.base.train, seed=seed)
+    workdir = Path(cfg.workdir) / name
+    if len(cfg.seeds) > 1:
+        workdir = workdir / f"seed_{seed}"
+    return dataclasses.replace(cfg.base, model=model, data=data, optim=optim, train=train,
+                               workdir=str(workdir))
+
+
+def _train_or_read(run_cfg: RunConfig, name: str, argv, writes: bool) -> dict:
+    """One run's final loss and timing: read back when it has finished, else trained."""
+    from absl import logging
+    from instructjax.train import run as run_lib
+
+    run_dir = Path(run_cfg.workdir)
+    check_same_config(run_cfg, name)
+    loss = _finished_loss(run_dir, run_cfg.train.steps)
+    timing = {"seconds": None, "cpu_seconds": None}
+    if loss is None:
+        logging.info("scaling sweep: training %s, seed %d (%d non-embedding parameters)", name,
+                     run_cfg.train.seed, run_cfg.model.num_params(non_embedding=True))
+        # CPU time too: on a shared machine wall time says little about the cost.
+        start, start_cpu = time.perf_counter(), time.process_time()
+        loss = float(run_lib.train_lm(run_cfg, argv)[LOSS_KEY])
+        timing = {"seconds": time.perf_counter() - start,
+                  "cpu_seconds": time.process_time() - start_cpu}
+        if writes:
+            write_json_atomic(run_dir / TIMING_FILE, timing)
+    elif (run_dir / TIMING_FILE).exists():
+        timing = json.loads((run_dir / TIMING_FILE).read_text())
+    return {"loss": loss, **timing}
+
+
+def _total(values):
+    return None if any(v is None for v in values) else sum(values)
 
 
 def run_sweep(cfg: ScalingConfig, argv: list[str] = ()) -> dict:
-    """Trains (or reads back) every size, fits, prints the table, writes JSON and PNG."""
+    """Trains (or reads back) every size (and seed), fits, prints the table, writes JSON
+    and PNG."""
     import jax
-    from absl import logging
     from instructjax.train import run as run_lib
 
     writes = jax.process_index() == 0  # multi-process runs: one writer, as train_lm does
@@ -225,30 +265,19 @@ def run_sweep(cfg: ScalingConfig, argv: list[str] = ()) -> dict:
     tokens = cfg.base.train.steps * cfg.base.train.batch_size * cfg.base.train.seq_len
     rows = []
     for index, (name, model) in enumerate(cfg.models):
-        run_cfg = size_run_config(cfg, index, str(tokenizer.path))
-        size_dir = Path(run_cfg.workdir)
-        check_same_config(run_cfg, name)
-        loss = _finished_loss(size_dir, cfg.base.train.steps)
-        seconds = cpu_seconds = None
-        if loss is None:
-            logging.info("scaling sweep: training %s (%d non-embedding parameters)", name,
-                         model.num_params(non_embedding=True))
-            # CPU time too: on a shared machine wall time says little about the cost.
-            start, start_cpu = time.perf_counter(), time.process_time()
-            loss = float(run_lib.train_lm(run_cfg, argv)[LOSS_KEY])
-            seconds = time.perf_counter() - start
-            cpu_seconds = time.process_time() - start_cpu
-            if writes:
-                write_json_atomic(size_dir / TIMING_FILE, {"seconds": seconds,
-                                                           "cpu_seconds": cpu_seconds})
-        elif (size_dir / TIMING_FILE).exists():
-            timing = json.loads((size_dir / TIMING_FILE).read_text())
-            seconds, cpu_seconds = timing["seconds"], timing["cpu_seconds"]
+        runs_cfg = [size_run_config(cfg, index, str(tokenizer.path), seed)
+                    for seed in (cfg.seeds or (None,))]
+        runs = [_train_or_read(r, name, argv, writes) for r in runs_cfg]
+        losses = [r["loss"] for r in runs]
         rows.append({"size": name, "non_embedding_params": model.num_params(non_embedding=True),
                      "params": model.num_params(),
-                     "learning_rate": run_cfg.optim.learning_rate, "eval_loss": loss, "train_seconds": seconds,
-                     "train_cpu_seconds": cpu_seconds,
-                     "workdir": str(size_dir)})
+                     "learning_rate": runs_cfg[0].optim.learning_rate,
+                     "eval_loss": float(np.mean(losses)),
+                     "seeds": [r.train.seed for r in runs_cfg], "eval_losses": losses,
+                     "eval_loss_std": float(np.std(losses, ddof=1)) if len(losses) > 1 else None,
+                     "train_seconds": _total([r["seconds"] for r in runs]),
+                     "train_cpu_seconds": _total([r["cpu_seconds"] for r in runs]),
+                     "workdir": str(Path(cfg.workdir) / name)})
     fit = fit_power_law([r["non_embedding_params"] for r in rows],
                         [r["eval_loss"] for r in rows], irreducible=cfg.irreducible)
     result = {"fit": fit.to_json(), "fit_formula": fit.describe(), "sizes": rows,
@@ -262,13 +291,17 @@ def run_sweep(cfg: ScalingConfig, argv: list[str] = ()) -> dict:
 
 
 def format_table(rows: list[dict], fit: PowerLawFit) -> str:
+    """One line per size; with several seeds, the loss is their mean and `sd` their
+    standard deviation."""
+    seeds = any(r["eval_loss_std"] is not None for r in rows)
     lines = [f"{'size':<10} {'non-emb params':>15} {'params':>12} {'eval loss':>10} "
-             f"{'fit':>8} {'train s':>8} {'cpu s':>8}"]
+             + (f"{'sd':>7} " if seeds else "") + f"{'fit':>8} {'train s':>8} {'cpu s':>8}"]
     for r in rows:
         seconds, cpu = ("-" if r[k] is None else f"{r[k]:.0f}"
                         for k in ("train_seconds", "train_cpu_seconds"))
+        sd = f"{r['eval_loss_std']:>7.4f} " if seeds else ""
         lines.append(f"{r['size']:<10} {r['non_embedding_params']:>15,} {r['params']:>12,} "
-                     f"{r['eval_loss']:>10.4f} "
+                     f"{r['eval_loss']:>10.4f} {sd}"
                      f"{float(fit.predict(r['non_embedding_params'])):>8.4f}"
                      f" {seconds:>8} {cpu:>8}")
     lines.append(f"fit: {fit.describe()}")
@@ -291,7 +324,12 @@ def plot_fit(rows: list[dict], fit: PowerLawFit, path: str | Path, *, tokens: in
     ax.loglog(grid, fit.predict(grid), "-", color="C1",
               label=f"fit: alpha = {fit.alpha:.3f} ± {fit.alpha_se:.3f}, N_c = {fit.n_c:.2g}"
               + (f", L_inf = {fit.l_inf:.2f}" if fit.l_inf else ""))
-    ax.loglog(n, loss, "o", color="C0", label="final validation loss")
+    sd = [r["eval_loss_std"] for r in rows]
+    if all(v is not None for v in sd):
+        ax.errorbar(n, loss, yerr=sd, fmt="o", color="C0", capsize=3,
+                    label=f"final validation loss (mean ± sd over {len(rows[0]['seeds'])} seeds)")
+    else:
+        ax.loglog(n, loss, "o", color="C0", label="final validation loss")
     for r in rows:
         ax.annotate(r["size"], (r["non_embedding_params"], r["eval_loss"]),
                     textcoords="offset points", xytext=(4, 4), fontsize=8)

@@ -90,6 +90,8 @@ def test_config_validation(tmp_path):
         with pytest.raises(ConfigError, match=message):
             scaling.ScalingConfig(workdir=str(tmp_path), base=base, models=models,
                                   irreducible=irreducible)
+    with pytest.raises(ConfigError, match="each seed once"):
+        scaling.ScalingConfig(workdir=str(tmp_path), base=base, models=(a, b), seeds=(1, 1))
     for rates in [(1e-3,), (1e-3, 0.0)]:
         with pytest.raises(ConfigError, match="one positive rate per size"):
             scaling.ScalingConfig(workdir=str(tmp_path), base=base, models=(a, b),
@@ -99,7 +101,7 @@ def test_config_validation(tmp_path):
                               models=(a, ("b", dataclasses.replace(b[1], max_len=16))))
 
 
-def test_sweep_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
+def _files(tmp_path) -> list[str]:
     files = []
     for split, module in (("train", inspect), ("eval", textwrap)):
         path = tmp_path / f"{split}.jsonl"
@@ -107,6 +109,11 @@ def test_sweep_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
         path.write_text("".join(json.dumps({"text": source[i:i + 2000]}) + "\n"
                                 for i in range(0, min(len(source), 60_000), 2000)))
         files.append(str(path))
+    return files
+
+
+def test_sweep_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
+    files = _files(tmp_path)
     models = (("small", _tiny(16, 1)), ("large", _tiny(48, 2)))
     cfg = scaling.ScalingConfig(workdir=str(tmp_path / "sweep"), base=_base(tmp_path, files),
                                 models=models, learning_rates=(3e-3, 1e-3))
@@ -138,3 +145,22 @@ def test_sweep_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     longer = dataclasses.replace(cfg, base=_base(tmp_path, files, steps=3))
     with pytest.raises(ConfigError, match=r"size small: .*\(train\.steps: 2 then, 3 now\)"):
         scaling.run_sweep(longer)
+
+    # Several seeds: each size's loss is their mean, the spread is reported; seed 0 is the
+    # run above, seed 1 another run.
+    monkeypatch.undo()
+    seeds = scaling.run_sweep(dataclasses.replace(cfg, workdir=str(tmp_path / "seeds"),
+                                                  seeds=(0, 1)))
+    for r, one in zip(seeds["sizes"], rows):
+        finals = [json.loads((tmp_path / "seeds" / r["size"] / f"seed_{s}" / "final_eval.json")
+                             .read_text())["eval/loss"] for s in (0, 1)]
+        assert r["seeds"] == [0, 1] and r["eval_losses"] == finals
+        assert finals[0] == one["eval_loss"] and finals[1] != finals[0]
+        assert r["eval_loss"] == pytest.approx(np.mean(finals))
+        assert r["eval_loss_std"] == pytest.approx(np.std(finals, ddof=1))
+    assert seeds["fit"]["alpha"] == pytest.approx(scaling.fit_power_law(
+        [r["non_embedding_params"] for r in seeds["sizes"]],
+        [r["eval_loss"] for r in seeds["sizes"]]).alpha)
+    headers = [line for line in capsys.readouterr().out.splitlines() if "non-emb" in line]
+    assert " sd " not in headers[0] and " sd " in headers[-1]
+
