@@ -4,7 +4,7 @@
   on code) and the same model from scratch -> Codex-S data (generated problems, mined
   functions) -> Codex-S (Codex fine-tuned on standalone functions) -> pass@k on generated
   problems of held-out families and on new problems of the training families (temperature
-  sweeps, rankings) and on HumanEval -> the report
+  sweeps, rankings) and on HumanEval; Codex-D (docstrings) by back-translation -> the report
 
 Each stage runs as its own experiment script in a subprocess with its own flagfile; a stage
 whose final output exists is skipped, and an interrupted training stage resumes from its
@@ -31,6 +31,11 @@ flags.DEFINE_string("codex_flags", None, "Flagfile of the code fine-tuning; the 
                     "run uses it too (same model, same steps).")
 flags.DEFINE_string("codex_data_flags", None, "Flagfile of experiments.codex_data.")
 flags.DEFINE_string("codex_s_flags", None, "Flagfile of the Codex-S fine-tuning.")
+flags.DEFINE_string("codex_d_flags", "", "Flagfile of the Codex-D fine-tuning (docstrings "
+                    "from signature + body); empty = Codex-D left out.")
+flags.DEFINE_string("backtranslation_flags", "", "Flagfile of experiments.backtranslate "
+                    "(Codex-D docstrings -> Codex-S code -> tests, on the new problems of the "
+                    "training families); used with --codex_d_flags.")
 flags.DEFINE_string("passk_flags", None, "Flagfile of experiments.passk on the held-out "
                     "generated problems (a temperature sweep).")
 flags.DEFINE_string("passk_new_flags", "", "Flagfile of experiments.passk on new problems "
@@ -83,6 +88,16 @@ def run_stages(root: Path) -> dict[str, float]:
                   out / "summary.json", [f"--checkpoint={root / model}", "--problems="
                                          f"{codex_data / 'problems_new_instances.jsonl'}",
                                          f"--out={out}"], flag="passk_new_flags")
+    if FLAGS.codex_d_flags:
+        train("codex_d", "experiments.sft", FLAGS.codex_d_flags, [
+            f"--init_from={root / 'codex'}", f"--train_files={codex_data / 'codex_d_train.jsonl'}",
+            f"--eval_files={codex_data / 'codex_d_eval.jsonl'}"])
+        out = root / "backtranslation"
+        stage("backtranslation", "experiments.backtranslate", FLAGS.backtranslation_flags,
+              out / "summary.json", [f"--docstring_checkpoint={root / 'codex_d'}",
+                                     f"--code_checkpoint={root / 'codex_s'}", "--problems="
+                                     f"{codex_data / 'problems_new_instances.jsonl'}",
+                                     f"--out={out}"])
     if FLAGS.humaneval_flags:
         out = root / "passk" / "humaneval_codex_s"
         stage("humaneval", "experiments.passk", FLAGS.humaneval_flags, out / "summary.json",
@@ -120,6 +135,8 @@ def main(argv):
             heldout={m: root / "passk" / m for m in ("codex", "codex_s")}, humaneval=humaneval,
             new_instances=({m: root / "passk_new" / m for m in ("codex", "codex_s")}
                            if FLAGS.passk_new_flags else None),
+            backtranslation=(root / "backtranslation" if FLAGS.codex_d_flags
+                             and FLAGS.backtranslation_flags else None),
             ranking_temperature=FLAGS.ranking_temperature, stage_seconds=seconds)
         written = story.write_story(result, root / "story")
     except (DataError, ValueError) as e:

@@ -206,11 +206,16 @@ STAGES = {
               "--batch_size=16"],
     "passk_new": ["--temperatures=0.8", "--n_samples=2", "--k=1,2", "--max_new_tokens=12",
                   "--batch_size=16"],
+    "codex_d": TINY + ["--steps=2", "--batch_size=4", "--seq_len=512", "--eval_every=2",
+                       "--checkpoint_every=2"],
+    "backtranslation": ["--n_samples=2", "--k=1,2", "--temperature=0.8",
+                        "--max_docstring_tokens=8", "--max_new_tokens=12", "--batch_size=16"],
     "humaneval": ["--temperature=0.2", "--n_samples=1", "--k=1", "--max_new_tokens=12",
                   "--batch_size=64"],
 }
 ALL_STAGES = ("corpus", "base", "codex", "scratch", "codex_data", "codex_s", "passk_codex",
-              "passk_new_codex", "passk_codex_s", "passk_new_codex_s", "humaneval")
+              "passk_new_codex", "passk_codex_s", "passk_new_codex_s", "codex_d",
+              "backtranslation", "humaneval")
 
 
 def _story(tmp_path, flagfiles):
@@ -236,6 +241,8 @@ def test_codex_story_runs_every_stage_then_skips_them(tmp_path):
                  "scratch/final_eval.json", "codex_data/report.json", "codex_s/final_eval.json",
                  "passk/codex/summary.json", "passk/codex_s/summary.json",
                  "passk_new/codex/summary.json", "passk_new/codex_s/summary.json",
+                 "codex_d/final_eval.json", "backtranslation/summary.json",
+                 "backtranslation/docstrings.jsonl",
                  "passk/humaneval_codex_s/summary.json"):
         assert (run / path).is_file(), path
     # the from-scratch run shares the base's tokenizer but not its weights
@@ -258,6 +265,14 @@ def test_codex_story_runs_every_stage_then_skips_them(tmp_path):
                 "mean_logprob", "sum_logprob", "random", "oracle"}
     human = saved["humaneval"]["codex_s"]["by_temperature"]["0.2"]
     assert human["num_problems"] + human["skipped_problems"] == 164
+    # Back-translation: 2 docstrings -> 2 programs per new problem, compared with Codex-S
+    # from the original docstrings at the same temperature (0.8, sampled by passk_new).
+    bt = saved["backtranslation"]
+    assert bt["n_samples"] == 2 and bt["code_temperature"] == 0.8
+    assert set(bt["pass_at_k"]) == {"1", "2"} and bt["original_docstrings_pass_at_k"] == (
+        saved["evaluations"][story.NEW_INSTANCES]["runs"]["codex_s"]["by_temperature"]["0.8"]
+        ["pass_at_k"])
+    assert "Codex-D by back-translation" in first.stdout
     for png in ("loss_curves.png", "best_temperature_per_k.png", "ranking_pass_at_1.png"):
         assert (run / "story" / png).read_bytes()[:4] == b"\x89PNG", png
     for row in ("validation loss on code", f"generated problems, {FAMILIES}: codex pass@k",
@@ -270,3 +285,21 @@ def test_codex_story_runs_every_stage_then_skips_them(tmp_path):
     assert second.stderr.count("done already") == len(ALL_STAGES), second.stderr[-3000:]
     again = json.loads((run / "story" / "story.json").read_text())
     assert again["stage_seconds"] == saved["stage_seconds"]
+
+
+def test_story_reports_backtranslation_next_to_original_docstrings(stage_outputs):
+    out = stage_outputs / "backtranslation"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({
+        "pass_at_k": {"1": 0.25, "2": 0.5}, "num_problems": 3,
+        "backtranslation": {"n_samples": 4, "code_temperature": 0.8,
+                            "docstring_temperature": 0.8}}))
+    result = _build(stage_outputs, backtranslation=out, new_instances={
+        m: stage_outputs / "passk_new" / m for m in ("codex", "codex_s")})
+    bt = result["backtranslation"]
+    assert bt["pass_at_k"] == {"1": 0.25, "2": 0.5}
+    assert bt["original_docstrings_pass_at_k"] == _summary(CODEX[0.8], 0.8)["pass_at_k"]
+    assert "Codex-D by back-translation (3 new problems" in story.format_story(result)
+    (out / "summary.json").write_text(json.dumps({"pass_at_k": {}}))
+    with pytest.raises(DataError, match="not an experiments.backtranslate summary"):
+        _build(stage_outputs, backtranslation=out)

@@ -135,11 +135,13 @@ NEW_INSTANCES = "new problems of the training families"
 def build_story(*, pretrained_run: str | Path, scratch_run: str | Path,
                 heldout: Mapping[str, str | Path], humaneval: Mapping[str, str | Path],
                 ranking_temperature: float, stage_seconds: Mapping[str, float] | None = None,
-                new_instances: Mapping[str, str | Path] | None = None) -> dict:
+                new_instances: Mapping[str, str | Path] | None = None,
+                backtranslation: str | Path | None = None) -> dict:
     """Everything the report shows, as plain JSON-ready data. `heldout` (problems of
     held-out families), `new_instances` (optional: new problems of the training families)
     and `humaneval` map a model name to its pass@k output directory; heldout, and
-    new_instances when given, must name "codex" and "codex_s"."""
+    new_instances when given, must name "codex" and "codex_s". `backtranslation` is the
+    output directory of experiments.backtranslate (Codex-D), if it ran."""
     sets = {"held-out families": heldout, **({NEW_INSTANCES: new_instances} if new_instances
                                              else {})}
     for title, runs in sets.items():
@@ -169,8 +171,25 @@ def build_story(*, pretrained_run: str | Path, scratch_run: str | Path,
         "convergence": convergence,
         "evaluations": evaluations,
         "humaneval": {name: read_passk_run(d) for name, d in humaneval.items()},
+        "backtranslation": (None if backtranslation is None
+                            else read_backtranslation(backtranslation, evaluations)),
         "paper_effects": claims,
     }
+
+
+def read_backtranslation(out_dir: str | Path, evaluations: Mapping) -> dict:
+    """Back-translation pass@k, and Codex-S's pass@k from the original docstrings of the
+    same problems at the same code temperature (when the story sampled it)."""
+    s = _read_json(Path(out_dir) / "summary.json")
+    if "backtranslation" not in s:
+        raise DataError(f"{out_dir}/summary.json: not an experiments.backtranslate summary")
+    t = f"{s['backtranslation']['code_temperature']:g}"
+    original = (evaluations.get(NEW_INSTANCES, {}).get("runs", {}).get("codex_s", {})
+                .get("by_temperature", {}).get(t))
+    return {"pass_at_k": s["pass_at_k"], "num_problems": s["num_problems"],
+            "n_samples": s["backtranslation"]["n_samples"], "code_temperature": float(t),
+            "docstring_temperature": s["backtranslation"]["docstring_temperature"],
+            "original_docstrings_pass_at_k": original["pass_at_k"] if original else None}
 
 
 def _row(cells, widths) -> str:
@@ -218,6 +237,18 @@ def format_story(story: dict) -> str:
                                *(_f(r.get(k)) for k in RANKINGS)), widths))
         lines += ["", f"Codex vs Codex-S, pass@1 at the best temperature ({title}): " +
                   ", ".join(f"{n} {e['best_pass_at_1']:.3f}" for n, e in ev["effects"].items())]
+    bt = story.get("backtranslation")
+    if bt:
+        lines += ["", f"Codex-D by back-translation ({bt['num_problems']} {NEW_INSTANCES}, "
+                  f"{bt['n_samples']} docstrings each at T = {bt['docstring_temperature']:g}, "
+                  f"code at T = {bt['code_temperature']:g}): " + ", ".join(
+                      f"pass@{k} {v:.3f}" for k, v in bt["pass_at_k"].items())]
+        if bt["original_docstrings_pass_at_k"]:
+            lines.append("  Codex-S from the original docstrings at that T (the problems whose "
+                         "prompts fit): " +
+                         ", ".join(f"pass@{k} {v:.3f}" for k, v in
+                                   bt["original_docstrings_pass_at_k"].items()
+                                   if k in bt["pass_at_k"]))
     lines += ["", "the paper's effects here:"]
     lines += [f"  [{'yes' if ok else 'no '}] {claim}" for claim, ok in
               story["paper_effects"].items()]
