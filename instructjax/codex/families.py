@@ -154,6 +154,11 @@ def split_families(seed: int, test_fraction: float) -> tuple[tuple[str, ...], tu
     return tuple(sorted(names[n_test:])), tuple(sorted(names[:n_test]))
 
 
+def _index(problem: dict) -> int:
+    """i of a problem's task_id "Gen/<family>/<i>": its place among its family's problems."""
+    return int(problem["task_id"].rsplit("/", 1)[1])
+
+
 def problem_splits(seed: int, per_family_train: int, per_family_test: int,
                    test_fraction: float) -> dict[str, list[dict]]:
     """{"train": problems of the training families, "test": of the held-out families,
@@ -162,10 +167,9 @@ def problem_splits(seed: int, per_family_train: int, per_family_test: int,
     with other constants, names or phrasing: an easier held-out set than new families."""
     train_families, test_families = split_families(seed, test_fraction)
     more = generate(seed, per_family_train + per_family_test, train_families)
-    index = {id(p): int(p["task_id"].rsplit("/", 1)[1]) for p in more}
-    train = [p for p in more if index[id(p)] < per_family_train]
+    train = [p for p in more if _index(p) < per_family_train]
     bodies = {p["canonical_solution"] for p in train}
-    new = [p for p in more if index[id(p)] >= per_family_train
+    new = [p for p in more if _index(p) >= per_family_train
            and p["canonical_solution"] not in bodies]
     return {"train": train, "test": generate(seed, per_family_test, test_families),
             "new_instances": new}

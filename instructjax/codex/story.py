@@ -184,8 +184,8 @@ def read_backtranslation(out_dir: str | Path, evaluations: Mapping) -> dict:
     if "backtranslation" not in s:
         raise DataError(f"{out_dir}/summary.json: not an experiments.backtranslate summary")
     t = f"{s['backtranslation']['code_temperature']:g}"
-    original = (evaluations.get(NEW_INSTANCES, {}).get("runs", {}).get("codex_s", {})
-                .get("by_temperature", {}).get(t))
+    new = evaluations.get(NEW_INSTANCES)  # build_story checked it has codex_s
+    original = new["runs"]["codex_s"]["by_temperature"].get(t) if new else None
     return {"pass_at_k": s["pass_at_k"], "num_problems": s["num_problems"],
             "n_samples": s["backtranslation"]["n_samples"], "code_temperature": float(t),
             "docstring_temperature": s["backtranslation"]["docstring_temperature"],
