@@ -36,7 +36,7 @@ def _summary(passed_per_problem, temperature, skipped=0):
         means.append([lp for _, lp in row])
         sums.append([lp * (i + 1) for i, (_, lp) in enumerate(row)])
         for ok, _ in row:
-            task_ids.append(f"t/{j}")
+            task_ids.append(f"Gen/{'odd' if j % 2 else 'even'}/{j}")
             labels.append("passed" if ok else "failed")
     s = passk.summarize(task_ids, labels, (1, 2, 4))
     s["ranking_pass_at_1"] = ranking.compare_rankings(flags, sums, means)
@@ -49,12 +49,22 @@ def _summary(passed_per_problem, temperature, skipped=0):
     return s
 
 
+def _write_run(out: Path, rows, temperature, skipped=0):
+    """summary.json and results.jsonl of one temperature, as experiments.passk writes them."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(_summary(rows, temperature, skipped)))
+    with open(out / "results.jsonl", "w") as f:
+        for j, row in enumerate(rows):
+            for i, (ok, _) in enumerate(row):
+                f.write(json.dumps({"task_id": f"Gen/{'odd' if j % 2 else 'even'}/{j}",
+                                    "sample_index": i, "label": "passed" if ok else "failed"}) + "\n")
+
+
 def _write_sweep(out: Path, by_temperature: dict[float, list]):
     runs = {}
     for t, rows in by_temperature.items():
         sub = out / f"temperature_{t:g}"
-        sub.mkdir(parents=True)
-        (sub / "summary.json").write_text(json.dumps(_summary(rows, t)))
+        _write_run(sub, rows, t)
         runs[f"{t:g}"] = sub.name
     (out / "summary.json").write_text(json.dumps({"runs": runs}))
 
@@ -76,9 +86,7 @@ def stage_outputs(tmp_path):
     _write_sweep(tmp_path / "passk" / "codex_s", CODEX_S)
     _write_sweep(tmp_path / "passk_new" / "codex", CODEX_S)  # another set: other results
     _write_sweep(tmp_path / "passk_new" / "codex_s", CODEX)
-    human = tmp_path / "passk" / "humaneval"
-    human.mkdir()
-    (human / "summary.json").write_text(json.dumps(_summary([[F, P], [F, F]], 0.2, skipped=2)))
+    _write_run(tmp_path / "passk" / "humaneval", [[F, P], [F, F]], 0.2, skipped=2)
     return tmp_path
 
 
@@ -137,6 +145,10 @@ def test_story_reports_the_effects_the_stage_outputs_show(stage_outputs):
     assert effects["codex"]["best_temperature_rises_with_k"]  # T=0.2 at k=1, 0.8 at k=4
     assert effects["codex_s"]["best_pass_at_1"] > effects["codex"]["best_pass_at_1"]
     assert effects["codex"]["mean_logprob_beats_random"]
+    # problems 0 and 2 form family "even", problem 1 "odd": mean of per-problem pass rates
+    by_family = result["evaluations"][FAMILIES]["runs"]["codex_s"]["by_temperature"]["0.8"][
+        "pass_at_1_by_family"]
+    assert by_family == {"Gen/even": pytest.approx((3 / 4 + 1 / 4) / 2), "Gen/odd": 0.5}
     claims = result["paper_effects"]
     assert claims["pretrained start converges faster (lower validation loss at every eval step)"]
     assert claims[f"{FAMILIES}: Codex-S pass@1 > Codex pass@1 (best temperature each)"]
@@ -156,7 +168,8 @@ def test_story_table_and_files(stage_outputs):
     for row in ("validation loss on code", f"generated problems, {FAMILIES}: codex pass@k",
                 f"generated problems, {FAMILIES}: codex_s pass@k", "HumanEval: codex_s pass@k",
                 f"best temperature per k ({FAMILIES})", "pass@1 picking one of n samples",
-                "Codex vs Codex-S", "the paper's effects here:", "stage times (s"):
+                "Codex vs Codex-S", "the paper's effects here:", "stage times (s",
+                f"pass@1 by family at T = 0.8 ({FAMILIES}): codex, codex_s"):
         assert row in text, row
     lines = text.splitlines()
     header = lines.index("validation loss on code, by step (Codex fine-tuned vs from scratch)")

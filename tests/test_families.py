@@ -2,11 +2,12 @@
 
 import ast
 import json
+import re
 
 import numpy as np
 import pytest
 
-from instructjax.codex import codex_data, families
+from instructjax.codex import codex_data, families, family_compose
 from instructjax.codex.problems import STOP, canonical_solutions, load_problems, truncate
 from instructjax.codex.sandbox import Evaluator, Problem, SandboxConfig, check_sandbox
 
@@ -87,6 +88,26 @@ def test_family_split_is_disjoint_and_files_load(tmp_path):
     assert not {p["task_id"] for p in new} & set(train)
     assert all(int(p["task_id"].rsplit("/", 1)[1]) >= 2 for p in new)
     assert not {p["canonical_solution"] for p in new} & train_bodies
+
+
+def test_held_out_combinations_are_made_of_trained_parts():
+    for seed in range(5):
+        train, test = families.split_families(seed, 0.25)
+        cells = family_compose.held_out_cells(seed)
+        assert len(cells) == len(family_compose.PREDICATES) and set(cells) <= set(test)
+        trained = [name.split("_") for name in train if name in family_compose.FAMILIES]
+        for cell in cells:
+            agg, pred = cell.split("_")
+            assert sum(a == agg for a, _ in trained) >= len(family_compose.PREDICATES) - 2
+            assert sum(p == pred for _, p in trained) == len(family_compose.AGGREGATES) - 1
+    # No held-out problem has a training body, even with the argument renamed (a predicate
+    # with a constant must not reproduce another cell: "below 0" would be "negative").
+    splits = families.problem_splits(0, 30, 10, 0.25)
+
+    def shape(body):
+        return re.sub(r"\b(numbers|nums|values|xs)\b", "A", body)
+    trained = {shape(p["canonical_solution"]) for p in splits["train"]}
+    assert not [p["task_id"] for p in splits["test"] if shape(p["canonical_solution"]) in trained]
 
 
 @pytest.fixture(scope="module")

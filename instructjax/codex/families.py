@@ -1,9 +1,10 @@
 """A seeded generator of simple programming problems in HumanEval format, for Codex-S
 training and for a held-out evaluation on problem FAMILIES never seen in training.
 
-A family (family_lists.py, family_strings.py) is one task idea; each of its variants
-draws names, constants, docstring phrasing, type-hint style and solution style, so one
-family yields many distinct problems. A problem is a dict with task_id ("Gen/<family>/<i>"),
+A family is one task idea (family_lists.py, family_strings.py) or one combination of a
+predicate and an aggregate (family_compose.py); each of its variants draws names,
+constants, docstring phrasing, type-hint style and solution style, so one family yields
+many distinct problems. A problem is a dict with task_id ("Gen/<family>/<i>"),
 prompt (imports + signature + docstring with 1-2 examples, ending in a newline),
 canonical_solution (the indented body), test (`check(candidate)`: asserts on edge cases and
 random inputs, expected values from the family's reference implementation), entry_point
@@ -20,11 +21,13 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-from instructjax.codex import family_lists, family_strings
+from instructjax.codex import family_compose, family_lists, family_strings
 from instructjax.data.jsonl import write_jsonl_atomic
 
-FAMILIES = {**family_lists.FAMILIES, **family_strings.FAMILIES}
-assert len(FAMILIES) == len(family_lists.FAMILIES) + len(family_strings.FAMILIES)
+_PLAIN = {**family_lists.FAMILIES, **family_strings.FAMILIES}  # one idea each
+FAMILIES = {**_PLAIN, **family_compose.FAMILIES}
+assert len(FAMILIES) == len(family_lists.FAMILIES) + len(family_strings.FAMILIES) + len(
+    family_compose.FAMILIES)
 HINT_STYLES = ("none", "builtin", "typing")  # no hints, list[int], List[int]
 _MAX_MISSES = 2000  # draws in a row without a new problem: the family is exhausted
 _TYPING = {"list": "List", "dict": "Dict", "tuple": "Tuple"}
@@ -144,14 +147,17 @@ def generate(seed: int, per_family: int, families: Sequence[str] | None = None) 
 
 
 def split_families(seed: int, test_fraction: float) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(train families, held-out test families): a seeded split with at least one family on
-    each side. Problems of a test family never appear in training."""
+    """(train families, held-out test families). The one-idea families are split at random
+    (seeded), `test_fraction` of them held out, at least one on each side; the composed
+    families by `family_compose.held_out_cells`, so that a held-out combination is made of
+    parts seen in training. Problems of a test family never appear in training."""
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    names = list(family_names())
+    names = sorted(_PLAIN)
     random.Random(f"split/{seed}").shuffle(names)
     n_test = min(max(1, round(len(names) * test_fraction)), len(names) - 1)
-    return tuple(sorted(names[n_test:])), tuple(sorted(names[:n_test]))
+    test = set(names[:n_test]) | set(family_compose.held_out_cells(seed))
+    return (tuple(sorted(set(FAMILIES) - test)), tuple(sorted(test)))
 
 
 def _index(problem: dict) -> int:

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from instructjax.codex import ranking
-from instructjax.data.jsonl import DataError, atomic_output, write_json_atomic
+from instructjax.data.jsonl import DataError, atomic_output, read_jsonl, write_json_atomic
 
 RANKINGS = ("mean_logprob", "sum_logprob", "random", "oracle")
 
@@ -87,8 +87,22 @@ def read_passk_run(out_dir: str | Path) -> dict:
             "pass_at_k_all_problems": s.get("pass_at_k_all_problems", s["pass_at_k"]),
             "ranking_pass_at_1": s.get("ranking_pass_at_1", {}),
             "num_problems": s["num_problems"], "skipped_problems": skipped,
-            "n_samples": s["samples_per_problem"]["min"]}
+            "n_samples": s["samples_per_problem"]["min"],
+            "pass_at_1_by_family": pass_at_1_by_family(run_dir / "results.jsonl")}
     return {"dir": str(out_dir), "by_temperature": by_temperature}
+
+
+def pass_at_1_by_family(results_path: Path) -> dict[str, float]:
+    """{family: mean over its problems of (passed samples / samples)} from a pass@k run's
+    results.jsonl; the family of task "Gen/<family>/<i>" is "Gen/<family>" (HumanEval's
+    tasks form one group). Problems skipped as too long for the context are not in it."""
+    by_task: dict[str, list[bool]] = {}
+    for _, record in read_jsonl(results_path, required={"task_id": str, "label": str}):
+        by_task.setdefault(record["task_id"], []).append(record["label"] == "passed")
+    by_family: dict[str, list[float]] = {}
+    for task, passed in by_task.items():
+        by_family.setdefault(task.rsplit("/", 1)[0], []).append(sum(passed) / len(passed))
+    return {f: sum(v) / len(v) for f, v in sorted(by_family.items())}
 
 
 def _read_json(path: Path) -> dict:
@@ -235,6 +249,12 @@ def format_story(story: dict) -> str:
             r = e["ranking_pass_at_1"]
             lines.append(_row((name, f"{e['ranking_temperature']:g}",
                                *(_f(r.get(k)) for k in RANKINGS)), widths))
+        t = next(iter(ev["effects"].values()))["ranking_temperature"]
+        by_family = {n: r["by_temperature"][f"{t:g}"]["pass_at_1_by_family"]
+                     for n, r in ev["runs"].items()}
+        lines += ["", f"pass@1 by family at T = {t:g} ({title}): " + ", ".join(by_family)]
+        for family in sorted({f for v in by_family.values() for f in v}):
+            lines.append(f"  {family:<28} " + "  ".join(_f(v.get(family)) for v in by_family.values()))
         lines += ["", f"Codex vs Codex-S, pass@1 at the best temperature ({title}): " +
                   ", ".join(f"{n} {e['best_pass_at_1']:.3f}" for n, e in ev["effects"].items())]
     bt = story.get("backtranslation")
