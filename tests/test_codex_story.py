@@ -56,8 +56,9 @@ def _write_run(out: Path, rows, temperature, skipped=0):
     with open(out / "results.jsonl", "w") as f:
         for j, row in enumerate(rows):
             for i, (ok, _) in enumerate(row):
-                f.write(json.dumps({"task_id": f"Gen/{'odd' if j % 2 else 'even'}/{j}",
-                                    "sample_index": i, "label": "passed" if ok else "failed"}) + "\n")
+                record = {"task_id": f"Gen/{'odd' if j % 2 else 'even'}/{j}", "sample_index": i,
+                          "label": "passed" if ok else "failed"}
+                f.write(json.dumps(record) + "\n")
 
 
 def _write_sweep(out: Path, by_temperature: dict[float, list]):

@@ -26,8 +26,8 @@ from instructjax.data.jsonl import write_jsonl_atomic
 
 _PLAIN = {**family_lists.FAMILIES, **family_strings.FAMILIES}  # one idea each
 FAMILIES = {**_PLAIN, **family_compose.FAMILIES}
-assert len(FAMILIES) == len(family_lists.FAMILIES) + len(family_strings.FAMILIES) + len(
-    family_compose.FAMILIES)
+assert len(FAMILIES) == sum(map(len, (family_lists.FAMILIES, family_strings.FAMILIES,
+                                       family_compose.FAMILIES)))  # no name defined twice
 HINT_STYLES = ("none", "builtin", "typing")  # no hints, list[int], List[int]
 _MAX_MISSES = 2000  # draws in a row without a new problem: the family is exhausted
 _TYPING = {"list": "List", "dict": "Dict", "tuple": "Tuple"}

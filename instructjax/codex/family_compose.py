@@ -29,7 +29,8 @@ def _predicate(r: random.Random, pred: str) -> tuple[str, str, str, Callable[[in
     # k = 0 is left out: "above 0" / "below 0" would be the positive / negative cells.
     k = r.randint(1, 20) if pred == "above" else r.choice([k for k in range(-5, 16) if k])
     word = "above" if pred == "above" else "below"
-    named = (f"{word}_{k}", f"{'greater' if pred == 'above' else 'less'}_than_{k}") if k >= 0 else ()
+    comparison = "greater" if pred == "above" else "less"
+    named = (f"{word}_{k}", f"{comparison}_than_{k}") if k >= 0 else ()
     name = r.choice((*named, word))  # a negative k cannot be part of an identifier
     if pred == "above":
         return f"greater than {k}", name, f"x > {k}", lambda x: x > k
@@ -50,32 +51,43 @@ def _variant(r: random.Random, agg: str, pred: str) -> Variant:
         name = r.choice(("sum", "total")) + "_" + pred_name
         doc = r.choice((f"Return the sum of the {what} in {a}.",
                         f"Add up the {what} in {a} and return the total (0 if there are none)."))
-        body = (f"    total = 0\n    for x in {a}:\n        if {cond}:\n            total += x\n"
-                f"    return total\n") if loop else f"    return sum(x for x in {a} if {cond})\n"
+        if loop:
+            body = (f"    total = 0\n    for x in {a}:\n        if {cond}:\n"
+                    f"            total += x\n    return total\n")
+        else:
+            body = f"    return sum(x for x in {a} if {cond})\n"
         ref, returns = (lambda xs: sum(x for x in xs if keep(x))), "int"
     elif agg == "count":
         name = r.choice(("count", "num", "how_many")) + "_" + pred_name
         doc = r.choice((f"Return how many {what} there are in {a}.",
                         f"Count the {what} in {a}."))
-        body = (f"    count = 0\n    for x in {a}:\n        if {cond}:\n            count += 1\n"
-                f"    return count\n") if loop else r.choice((
-                    f"    return sum(1 for x in {a} if {cond})\n",
-                    f"    return len([x for x in {a} if {cond}])\n"))
+        if loop:
+            body = (f"    count = 0\n    for x in {a}:\n        if {cond}:\n"
+                    f"            count += 1\n    return count\n")
+        else:
+            body = r.choice((f"    return sum(1 for x in {a} if {cond})\n",
+                             f"    return len([x for x in {a} if {cond}])\n"))
         ref, returns = (lambda xs: sum(1 for x in xs if keep(x))), "int"
     elif agg == "keep":
         name = r.choice(("keep", "filter", "only")) + "_" + pred_name
         doc = r.choice((f"Return a list of the {what} in {a}, in their original order.",
                         f"Keep only the {what} of {a} and return them as a new list."))
-        body = (f"    result = []\n    for x in {a}:\n        if {cond}:\n            result.append(x)\n"
-                f"    return result\n") if loop else f"    return [x for x in {a} if {cond}]\n"
+        if loop:
+            body = (f"    result = []\n    for x in {a}:\n        if {cond}:\n"
+                    f"            result.append(x)\n    return result\n")
+        else:
+            body = f"    return [x for x in {a} if {cond}]\n"
         ref, returns = (lambda xs: [x for x in xs if keep(x)]), "list[int]"
     elif agg == "largest":
         name = r.choice(("largest", "max")) + "_" + pred_name
         doc = r.choice((f"Return the largest of the {what} in {a}, or None if there are none.",
                         f"Find the biggest of the {what} in {a}; return None when {a} has none."))
-        body = (f"    best = None\n    for x in {a}:\n        if {cond} and (best is None or x > best):\n"
-                f"            best = x\n    return best\n") if loop else (
-                    f"    chosen = [x for x in {a} if {cond}]\n"
+        if loop:
+            body = (f"    best = None\n    for x in {a}:\n"
+                    f"        if {cond} and (best is None or x > best):\n"
+                    f"            best = x\n    return best\n")
+        else:
+            body = (f"    chosen = [x for x in {a} if {cond}]\n"
                     f"    return max(chosen) if chosen else None\n")
         ref = lambda xs: max((x for x in xs if keep(x)), default=None)  # noqa: E731
         returns = "int | None"

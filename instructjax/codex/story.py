@@ -254,7 +254,8 @@ def format_story(story: dict) -> str:
                      for n, r in ev["runs"].items()}
         lines += ["", f"pass@1 by family at T = {t:g} ({title}): " + ", ".join(by_family)]
         for family in sorted({f for v in by_family.values() for f in v}):
-            lines.append(f"  {family:<28} " + "  ".join(_f(v.get(family)) for v in by_family.values()))
+            lines.append(f"  {family:<28} " + "  ".join(_f(v.get(family))
+                                                       for v in by_family.values()))
         lines += ["", f"Codex vs Codex-S, pass@1 at the best temperature ({title}): " +
                   ", ".join(f"{n} {e['best_pass_at_1']:.3f}" for n, e in ev["effects"].items())]
     bt = story.get("backtranslation")
