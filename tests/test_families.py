@@ -3,6 +3,7 @@
 import ast
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,6 +89,12 @@ def test_family_split_is_disjoint_and_files_load(tmp_path):
     assert not {p["task_id"] for p in new} & set(train)
     assert all(int(p["task_id"].rsplit("/", 1)[1]) >= 2 for p in new)
     assert not {p["canonical_solution"] for p in new} & train_bodies
+
+
+def test_codex_data_reuse_tracks_every_generator_module():
+    # A changed family module must not reuse stale problem files.
+    modules = {f.name for f in Path(families.__file__).parent.glob("famil*.py")}
+    assert modules <= set(codex_data._SOURCES)
 
 
 def test_held_out_combinations_are_made_of_trained_parts():

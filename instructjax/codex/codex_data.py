@@ -42,7 +42,8 @@ OUTPUTS = ("problems_train.jsonl", "problems_test.jsonl", "problems_new_instance
            "codex_s_train.jsonl", "codex_s_eval.jsonl", "codex_d_train.jsonl",
            "codex_d_eval.jsonl", "report.json")
 _FORMAT_VERSION = 2  # bump when the record formats change
-_SOURCES = ("families.py", "family_lists.py", "family_strings.py", "mining.py", "codex_data.py")
+_SOURCES = ("families.py", "family_lists.py", "family_strings.py", "family_compose.py", "mining.py",
+            "codex_data.py")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -246,7 +247,7 @@ def format_report(report: dict) -> str:
     gen, mined = report["generated"], report["mining"]
     rows = [f"generated: {gen['train_problems']} train problems from {len(gen['train_families'])} "
             f"families, {gen['test_problems']} held-out from {gen['test_families']}, "
-            f"{gen.get('new_instance_problems', 0)} new problems of the training families",
+            f"{gen['new_instance_problems']} new problems of the training families",
             f"mined: {mined.get('candidates', 0)} functions with doctests, kept {mined['kept']} "
             f"({mined['train']} train / {mined['eval']} eval)"]
     for reason, n in mined.get("rejected", {}).items():
