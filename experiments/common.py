@@ -66,8 +66,10 @@ flags.DEFINE_float("peak_flops_per_device", 0.0, "Peak FLOP/s of one device, for
 # Data.
 flags.DEFINE_string("data_dir", None, "Where datasets are generated/prepared (default: <workdir>/data).")
 flags.DEFINE_integer("world_seed", 0, "Seed of the embedded world.")
-flags.DEFINE_list("train_files", [], "Your own training JSONL (instead of the embedded world).")
-flags.DEFINE_list("eval_files", [], "Your own evaluation JSONL (with --train_files).")
+flags.DEFINE_list("train_files", [], "Your own training JSONL, one or more files (comma-separated) "
+                  "read in order, instead of the embedded world.")
+flags.DEFINE_list("eval_files", [], "Your own evaluation JSONL, one or more files (with "
+                  "--train_files).")
 flags.DEFINE_string("tokenizer_path", "", "A sentencepiece .model to use instead of training one.")
 flags.DEFINE_integer("vocab_size", 2048, "Tokenizer (and model) vocabulary size.")
 flags.DEFINE_bool("whitespace_runs", True, "Add whitespace-run symbols to the tokenizer.")

@@ -194,6 +194,22 @@ def test_builder_round_trip(sources, tmp_path):
     assert {r["origin"].rsplit(":", 1)[0] for r in built["train"]} == {str(copy)}
 
 
+def test_a_split_of_several_files(sources, tmp_path):
+    d, _, sft = sources
+    second = tmp_path / "more.jsonl"
+    write_jsonl_atomic(second, [{"prompt": "Say hi.\n", "response": "hi"}] * 3)
+    both = jsonl_data_source({"train": [d / "sft.jsonl", second]}, kind="sft",
+                             data_dir=d / "tfds")["train"]
+    assert len(both) == len(DEMOS) + 3
+    origins = [r["origin"].rsplit(":", 1) for r in both]
+    assert sorted((p, int(n)) for p, n in origins if p == str(second)) == \
+        [(str(second), n) for n in (1, 2, 3)]
+    # The first file's examples keep their keys, hence their order, from a one-file build.
+    assert [r for r in both if r["origin"].startswith(str(d))] == list(sft["train"])
+    with pytest.raises(ValueError, match="split 'train' has no files"):
+        jsonl_data_source({"train": []}, kind="sft", data_dir=d / "tfds")
+
+
 def test_builder_errors_and_rebuild(tmp_path, tok):
     with pytest.raises(ValueError, match="kind must be"):
         jsonl_data_source({"train": tmp_path / "x.jsonl"}, kind="nope", data_dir=tmp_path)

@@ -58,15 +58,19 @@ def test_reward_model_trains_and_is_normalised(tmp_path):
             assert row["labeler"].startswith("train" if split == "train" else "heldout")
     assert "labeler_agreement" in json.loads((data / "comparisons_stats.json").read_text())["eval"]
 
-    train, heldout = tmp_path / "cmp_train.jsonl", tmp_path / "cmp_eval.jsonl"
-    _comparisons(train, 64, seed=0)
+    # Training comparisons in two files (two rounds of labelling), read as one split.
+    train = [tmp_path / "cmp_train_1.jsonl", tmp_path / "cmp_train_2.jsonl"]
+    heldout = tmp_path / "cmp_eval.jsonl"
+    _comparisons(train[0], 32, seed=0)
+    _comparisons(train[1], 32, seed=1)
     with open(heldout, "w") as f:  # HH-RLHF's pairwise format loads as K = 2
         for i in range(16):
             prompt = f"\n\nHuman: How many apples in box {i}?\n\nAssistant:"
             f.write(json.dumps({"chosen": prompt + f" {i % 7} apples.",
                                 "rejected": prompt + " xxx!"}) + "\n")
     reward = ["experiments.reward", f"--workdir={tmp_path / 'rm'}", f"--data_dir={data}",
-              f"--init_from={tmp_path / 'lm'}", f"--train_files={train}", f"--eval_files={heldout}",
+              f"--init_from={tmp_path / 'lm'}", f"--train_files={train[0]},{train[1]}",
+              f"--eval_files={heldout}",
               "--steps=16", "--seq_len=64", "--pack_rows=24", "--learning_rate=3e-3",
               "--checkpoint_every=8",
               "--eval_every=16", "--weight_decay=0"]

@@ -1,6 +1,7 @@
 """tensorflow-datasets builders over local JSONL files, stored as ArrayRecord.
 
-`jsonl_data_source` validates the files (errors name file:line), prepares them once under
+`jsonl_data_source` validates the files (errors name file:line; a split may be several
+files, read in order), prepares them once under
 `data_dir/<kind>-<content hash>/` and returns random-access sources (tfds.data_source
 semantics) that grain reads. The hash covers each file's resolved path and contents, so
 changed contents, or the same contents at another path, give a new build.
@@ -31,14 +32,24 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _content_hash(files: Mapping[str, str | Path], kind: str) -> str:
+Files = Mapping[str, "str | Path | Sequence[str | Path]"]
+
+
+def split_paths(files: Files) -> dict[str, tuple[Path, ...]]:
+    """{split: (path, ...)} from {split: path or sequence of paths}."""
+    return {split: tuple(map(Path, [paths] if isinstance(paths, (str, Path)) else paths))
+            for split, paths in files.items()}
+
+
+def _content_hash(files: Mapping[str, tuple[Path, ...]], kind: str) -> str:
     digest = hashlib.sha256(kind.encode())
     for split in sorted(files):
-        # The path too: a build's "origin" fields name the file it was built from.
-        digest.update(f"\0{split}\0{Path(files[split]).resolve()}\0".encode())
-        with open(files[split], "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        for path in files[split]:
+            # The path too: a build's "origin" fields name the file it was built from.
+            digest.update(f"\0{split}\0{path.resolve()}\0".encode())
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
     return digest.hexdigest()[:16]
 
 
@@ -48,11 +59,11 @@ def _builder_class():
     tfds.disable_progress_bar()
 
     class JsonlDataset(tfds.core.GeneratorBasedBuilder):
-        """Examples from local JSONL files, one split per file."""
+        """Examples from local JSONL files: each split one or more files."""
         VERSION = tfds.core.Version("1.0.0")
 
-        def __init__(self, *, files: Mapping[str, str | Path], kind: str, **kwargs):
-            self._files = {k: Path(v) for k, v in files.items()}
+        def __init__(self, *, files: Mapping[str, tuple[Path, ...]], kind: str, **kwargs):
+            self._files = files
             self._kind = kind
             super().__init__(**kwargs)
 
@@ -63,20 +74,28 @@ def _builder_class():
                 features=tfds.features.FeaturesDict({n: tfds.features.Text() for n in names}))
 
         def _split_generators(self, dl_manager):
-            return {split: self._generate_examples(path) for split, path in self._files.items()}
+            return {split: self._generate_examples(paths) for split, paths in self._files.items()}
 
-        def _generate_examples(self, path):
-            fields = KIND_FIELDS[self._kind]
-            if self._kind == "comparison":
-                yield from _comparison_examples(path, fields)
-                return
-            for line, record in read_jsonl(path, required={f: str for f in fields}):
-                meta = {k: v for k, v in record.items() if k not in fields}
-                example = {f: record[f] for f in fields}
-                example.update(origin=f"{path}:{line}", meta=json.dumps(meta, ensure_ascii=False))
-                yield line, example
+        def _generate_examples(self, paths):
+            # Keys: the line number in the first file, as with one file (tfds orders examples
+            # by key), then offset by a billion per further file.
+            for i, path in enumerate(paths):
+                for line, example in _examples(path, self._kind):
+                    yield i * 10**9 + line, example
 
     return JsonlDataset
+
+
+def _examples(path: Path, kind: str) -> Iterator[tuple[int, dict]]:
+    fields = KIND_FIELDS[kind]
+    if kind == "comparison":
+        yield from _comparison_examples(path, fields)
+        return
+    for line, record in read_jsonl(path, required={f: str for f in fields}):
+        meta = {k: v for k, v in record.items() if k not in fields}
+        example = {f: record[f] for f in fields}
+        example.update(origin=f"{path}:{line}", meta=json.dumps(meta, ensure_ascii=False))
+        yield line, example
 
 
 def _comparison_examples(path, fields):
@@ -112,14 +131,18 @@ class DecodedSource(Sequence):
         return f"DecodedSource({len(self)} examples)"
 
 
-def jsonl_data_source(files: Mapping[str, str | Path], *, kind: str,
+def jsonl_data_source(files: Files, *, kind: str,
                       data_dir: str | Path) -> dict[str, DecodedSource]:
-    """{split: random-access source of dicts} for JSONL `files` ({split: path})."""
+    """{split: random-access source of dicts} for JSONL `files` ({split: path or paths})."""
     if kind not in KIND_FIELDS:
         raise ValueError(f"kind must be one of {sorted(KIND_FIELDS)}, got {kind!r}")
-    for split, path in files.items():
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: no such file (split {split!r})")
+    files = split_paths(files)
+    for split, paths in files.items():
+        if not paths:
+            raise ValueError(f"split {split!r} has no files")
+        for path in paths:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no such file (split {split!r})")
     builder_dir = Path(data_dir) / f"{kind}-{_content_hash(files, kind)}"
     builder = _builder_class()(files=files, kind=kind, data_dir=str(builder_dir))
     parallel.process_zero_first(lambda: builder.download_and_prepare(file_format="array_record"),

@@ -69,12 +69,11 @@ class DPOConfig:
         return DPOLossConfig(beta=self.beta, label_smoothing=self.label_smoothing)
 
 
-def comparison_files(cfg: DPOConfig) -> dict[str, str]:
-    """--train_files/--eval_files, else the comparisons stage's files in --data_dir."""
+def comparison_files(cfg: DPOConfig) -> dict:
+    """--train_files/--eval_files (one or more files each), else the comparisons stage's
+    files in --data_dir."""
     if cfg.data.train_files:
-        if len(cfg.data.train_files) > 1 or len(cfg.data.eval_files) > 1:
-            raise ConfigError("--train_files/--eval_files: give one JSONL file each")
-        return {"train": cfg.data.train_files[0], "eval": cfg.data.eval_files[0]}
+        return {"train": cfg.data.train_files, "eval": cfg.data.eval_files}
     return run_lib.comparison_files(cfg.data.data_dir)
 
 

@@ -78,12 +78,11 @@ def comparison_files(data_dir: str | Path) -> dict[str, str]:
     return {k: str(v) for k, v in out.items()}
 
 
-def dataset_files(cfg: RunConfig) -> dict[str, str]:
-    """{'train': path, 'eval': path} for this task, from flags or the embedded world."""
+def dataset_files(cfg: RunConfig) -> builders.Files:
+    """{'train': path(s), 'eval': path(s)} for this task, from flags (each split one or more
+    files, read in order) or the embedded world."""
     if cfg.data.train_files:
-        if len(cfg.data.train_files) > 1 or len(cfg.data.eval_files) > 1:
-            raise ConfigError("--train_files/--eval_files: give one JSONL file each")
-        return {"train": cfg.data.train_files[0], "eval": cfg.data.eval_files[0]}
+        return {"train": cfg.data.train_files, "eval": cfg.data.eval_files}
     if cfg.task == "reward":
         return comparison_files(cfg.data.data_dir)
     files = world_files(cfg.data)
@@ -91,7 +90,7 @@ def dataset_files(cfg: RunConfig) -> dict[str, str]:
     return {"train": str(files[f"{prefix}_train"]), "eval": str(files[f"{prefix}_eval"])}
 
 
-def resolve_tokenizer(cfg: RunConfig, files: dict[str, str]) -> Tokenizer:
+def resolve_tokenizer(cfg: RunConfig, files: builders.Files) -> Tokenizer:
     """--tokenizer_path, else init_from's tokenizer, else this workdir's, else train one."""
     own = Path(cfg.workdir) / TOKENIZER_FILE
     for candidate in (cfg.data.tokenizer_path,
@@ -108,9 +107,11 @@ def resolve_tokenizer(cfg: RunConfig, files: dict[str, str]) -> Tokenizer:
         if jax.process_count() > 1:
             raise ConfigError("multi-process runs need a tokenizer made beforehand: pass "
                              "--tokenizer_path or --init_from")
-        texts = (record["text"] for _, record in read_jsonl(files["train"], required={"text": str}))
+        paths = builders.split_paths(files)["train"]
+        texts = (record["text"] for path in paths
+                 for _, record in read_jsonl(path, required={"text": str}))
         logging.info("training a %d-token sentencepiece model on %s", cfg.data.vocab_size,
-                     files["train"])
+                     ", ".join(map(str, paths)))
         try:
             return train_tokenizer(texts, own, vocab_size=cfg.data.vocab_size,
                                    whitespace_runs=cfg.data.whitespace_runs)
