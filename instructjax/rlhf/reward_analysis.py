@@ -3,16 +3,15 @@
 Two measurements, both on held-out prompts and held-out labelers:
 
   pairs      pairwise accuracy by task kind on the held-out comparisons (distinct response
-             pairs; a tie scores half) of the reward model and of three judges that know
-             more or less than it could: the gold score, the gold score without the
-             answers (`gold_score(knows_answer=False)`: form, honesty, harmlessness) and
-             correctness alone (then form). If the answer-blind judge is as far below the
-             labelers' agreement as the reward model, the labelers are ranking by
-             something only knowing the answers reveals.
+             pairs; a tie scores half) of the reward model, of the policy's own
+             log-likelihood of each response (what the reward model starts from) and of
+             three judges that know more or less than it could: the gold score, the gold
+             score without the answers (`gold_score(knows_answer=False)`: form, honesty,
+             harmlessness) and correctness alone (then form).
   best_of_n  the policy's win rate against its own evaluation samples when it draws n
-             responses per prompt and keeps the one the reward model (or the gold score)
-             likes best: what the reward model can buy without any training, and what a
-             perfect one could (InstructGPT's PPO has to beat this to be worth it).
+             responses per prompt and keeps the one the reward model (or the likelihood,
+             or the gold score) likes best: what the reward model can buy without any
+             training, and what a perfect one could.
 """
 
 from __future__ import annotations
@@ -47,7 +46,8 @@ JUDGES: dict[str, Judge] = {
 
 
 def _forward(model_params_tok, prompts: Sequence[str], responses: Sequence[str], *, mesh,
-             seq_len: int, per_token: Callable, batch_size: int = 64) -> list[np.ndarray]:
+             seq_len: int, per_token: Callable, batch_size: int = 64
+             ) -> list[tuple[int, int, np.ndarray]]:
     """(prompt length, row length, per_token(model output, tokens)[row]) for each prompt +
     response + EOS (cut to seq_len), run right-padded in batches."""
     model, params, tok = model_params_tok
@@ -58,7 +58,7 @@ def _forward(model_params_tok, prompts: Sequence[str], responses: Sequence[str],
     sharding = parallel.batch_sharding(mesh)
     rows = [(len(tok.encode(p)), (tok.encode(p) + tok.encode(r) + [tok.eos_id])[:seq_len])
             for p, r in zip(prompts, responses, strict=True)]
-    out: list[np.ndarray] = []
+    out: list[tuple[int, int, np.ndarray]] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         tokens = np.full((batch_size, seq_len), tok.pad_id, np.int32)
