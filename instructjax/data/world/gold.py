@@ -129,7 +129,7 @@ def gold_score(task: dict, response: str, *, knows_answer: bool = True) -> float
 
     knows_answer=False scores as a judge who cannot work out the answers would: every
     answer to a benign task counts as wrong, with no credit for closeness; refusals,
-    "I don't know", toxicity, form and length count as before. It bounds what a reward
+    "I don't know", toxicity, form and length count as before: roughly what a reward
     model that has not learnt the answers can agree with labelers on."""
     j = judge(task, response)
     if not knows_answer and task["kind"] not in _MARKER_KINDS:
