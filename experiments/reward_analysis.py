@@ -11,7 +11,6 @@ table and writes it as JSON to --out (default <workdir>/reward_analysis.json).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from absl import app, flags
@@ -65,7 +64,7 @@ def main(argv):
             num_prompts=FLAGS.num_prompts)
     except (ValueError, DataError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    write_json_atomic(paths["out"], json.loads(json.dumps(result)))
+    write_json_atomic(paths["out"], result)
     print(reward_analysis.format_report(result))
     print(f"\nwritten to {paths['out']}")
 

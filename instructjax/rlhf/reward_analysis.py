@@ -16,6 +16,7 @@ Two measurements, both on held-out prompts and held-out labelers:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from collections import defaultdict
@@ -45,19 +46,35 @@ JUDGES: dict[str, Judge] = {
 }
 
 
+def _scalar_values(values, tokens):
+    return values
+
+
+def _next_token_logprobs(logits, tokens):  # value at t: log p(tokens[t + 1] | tokens[:t + 1])
+    return token_log_probs(logits[:, :-1], tokens[:, 1:])
+
+
+@functools.cache
+def _compiled(model, per_token: Callable) -> Callable:
+    """One jitted forward per (model, reader), reused across calls."""
+    apply = make_apply(model)
+    return jax.jit(lambda p, t, pos, seg: per_token(apply(p, t, pos, seg), t))
+
+
 def _forward(model_params_tok, prompts: Sequence[str], responses: Sequence[str], *, mesh,
              seq_len: int, per_token: Callable, batch_size: int = 64
              ) -> list[tuple[int, int, np.ndarray]]:
     """(prompt length, row length, per_token(model output, tokens)[row]) for each prompt +
     response + EOS (cut to seq_len), run right-padded in batches."""
     model, params, tok = model_params_tok
-    apply = make_apply(model)
-    run = jax.jit(lambda p, t, pos, seg: per_token(apply(p, t, pos, seg), t))
+    run = _compiled(model, per_token)
     dp = parallel.data_parallel_size(mesh)
     batch_size = max(dp, batch_size // dp * dp)
     sharding = parallel.batch_sharding(mesh)
-    rows = [(len(tok.encode(p)), (tok.encode(p) + tok.encode(r) + [tok.eos_id])[:seq_len])
-            for p, r in zip(prompts, responses, strict=True)]
+    rows = []
+    for p, r in zip(prompts, responses, strict=True):
+        prompt = tok.encode(p)
+        rows.append((len(prompt), (prompt + tok.encode(r) + [tok.eos_id])[:seq_len]))
     out: list[tuple[int, int, np.ndarray]] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
@@ -78,7 +95,7 @@ def reward_scores(reward, prompts: Sequence[str], responses: Sequence[str], *, m
     the last real token of prompt + response + EOS.
     reward = (model with the scalar head, params, tokenizer)."""
     rows = _forward(reward, prompts, responses, mesh=mesh, seq_len=seq_len,
-                    per_token=lambda values, tokens: values)
+                    per_token=_scalar_values)
     return [float(v[n - 1]) for _, n, v in rows]
 
 
@@ -86,10 +103,8 @@ def policy_log_likelihoods(policy, prompts: Sequence[str], responses: Sequence[s
                            seq_len: int) -> list[float]:
     """log pi(response + EOS | prompt) under a language model: the policy's own judgement,
     the baseline a reward model trained from it should beat."""
-    def next_token(logits, tokens):  # value at t: log p(tokens[t + 1] | tokens[:t + 1])
-        return token_log_probs(logits[:, :-1], tokens[:, 1:])
     rows = _forward(policy, prompts, responses, mesh=mesh, seq_len=seq_len,
-                    per_token=next_token)
+                    per_token=_next_token_logprobs)
     return [float(np.sum(v[prompt_len - 1:n - 1])) for prompt_len, n, v in rows]
 
 
