@@ -52,6 +52,10 @@ flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.")
 flags.DEFINE_integer("grad_accum_steps", 1, "Micro-batches per optimiser step.")
 flags.DEFINE_float("rm_center_coef", 0.0, "Reward model: weight of (mean reward of a "
                    "prompt's responses)^2 in the loss, which keeps per-prompt offsets small.")
+flags.DEFINE_enum("rm_read", "eos", list(config_lib.REWARD_READS), "Reward model: where "
+                  "a response's reward is read: eos = the value at its last token (the EOS); "
+                  "pooled = half that, half the mean value over the response's tokens. "
+                  "Recorded in the workdir; PPO and the analysis read it from there.")
 flags.DEFINE_integer("pack_rows", 0, "Reward model: pack the responses of up to --batch_size "
                      "prompts into this many rows of --seq_len (global); 0 = one padded row "
                      "per response.")
@@ -75,7 +79,8 @@ flags.DEFINE_integer("vocab_size", 2048, "Tokenizer (and model) vocabulary size.
 flags.DEFINE_bool("whitespace_runs", True, "Add whitespace-run symbols to the tokenizer.")
 flags.DEFINE_integer("world_pretrain_docs", 4000, "Embedded world: pretraining documents.")
 flags.DEFINE_integer("world_sft_train", 4000, "Embedded world: SFT demonstrations.")
-flags.DEFINE_integer("world_eval", 300, "Embedded world: held-out examples per split.")
+flags.DEFINE_integer("world_eval", 600, "Embedded world: held-out examples per split (600 "
+                     "held-out prompts give a win rate a 95% interval of about +-0.04).")
 flags.DEFINE_integer("world_prompts", 2000, "Embedded world: prompts for RM/PPO.")
 flags.DEFINE_integer("data_shards", 0, "Data shards, each read by one process (0 = one per "
                      "process). Runs with the same value see the same data whatever the number "
@@ -130,6 +135,7 @@ def run_config_from_flags(task: str) -> config_lib.RunConfig:
         mesh=FLAGS.mesh,
         init_from=FLAGS.init_from,
         rm_center_coef=FLAGS.rm_center_coef,
+        rm_read=FLAGS.rm_read,
         model=model_config_from_flags(),
         optim=config_lib.OptimConfig(
             learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,

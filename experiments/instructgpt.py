@@ -1,7 +1,8 @@
 """The InstructGPT pipeline on the embedded world, stage by stage:
 
-  pretrain -> SFT -> comparisons (K samples per prompt, ranked by simulated labelers)
-  -> reward model -> PPO and PPO-ptx (and DPO on the same comparisons) -> evaluation
+  pretrain -> SFT (and SFT on the diligent demonstrators only, a baseline) -> comparisons
+  (K samples per prompt, ranked by simulated labelers) -> reward model -> PPO and PPO-ptx
+  (and DPO on the same comparisons) -> evaluation
 
 Each stage runs as its own experiment script in a subprocess with its own flagfile; a stage
 whose final output exists is skipped, and an interrupted stage resumes from its checkpoint.
@@ -24,6 +25,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Root directory; each stage gets a subdirectory.")
 flags.DEFINE_string("pretrain_flags", None, "Flagfile of the pretraining stage.")
 flags.DEFINE_string("sft_flags", None, "Flagfile of the SFT stage.")
+flags.DEFINE_string("sft_diligent_flags", "", "Flagfile of the baseline SFT on the diligent "
+                    "demonstrators' demonstrations only (sft_train_diligent.jsonl).")
 flags.DEFINE_string("comparisons_flags", "", "Flagfile of the comparisons stage.")
 flags.DEFINE_string("reward_flags", "", "Flagfile of the reward-model stage.")
 flags.DEFINE_string("ppo_flags", "", "Flagfile of the PPO stage (no pretraining mix).")
@@ -39,7 +42,8 @@ flags.DEFINE_string("mesh", "data:1,fsdp:-1,tensor:1", "Mesh for the report stag
 def run_stages(root: Path) -> dict[str, Path]:
     """Every configured stage in order; returns the workdirs of the policies to evaluate."""
     data = root / "data"
-    d = {name: root / name for name in ("pretrain", "sft", "reward", "ppo", "ppo_ptx", "dpo")}
+    d = {name: root / name for name in ("pretrain", "sft", "sft_diligent", "reward", "ppo",
+                                        "ppo_ptx", "dpo")}
 
     def train(name, module, extra):
         return run_stage(name, module, getattr(FLAGS, f"{name}_flags"),
@@ -49,6 +53,11 @@ def run_stages(root: Path) -> dict[str, Path]:
     train("pretrain", "experiments.pretrain", [])
     train("sft", "experiments.sft", [f"--init_from={d['pretrain']}"])
     policies = {"base": d["pretrain"], "sft": d["sft"]}
+    # The filtering baseline: if it matches PPO-ptx, RL added nothing beyond choosing data.
+    if train("sft_diligent", "experiments.sft", [
+            f"--init_from={d['pretrain']}", f"--train_files={data / 'sft_train_diligent.jsonl'}",
+            f"--eval_files={data / 'sft_eval.jsonl'}"]):
+        policies["sft_diligent"] = d["sft_diligent"]
     if not run_stage("comparisons", "experiments.comparisons", FLAGS.comparisons_flags,
                      data / "comparisons_stats.json",
                      [f"--policy_from={d['sft']}", f"--data_dir={data}"]):

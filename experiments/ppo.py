@@ -63,6 +63,7 @@ REJECTED = {
     "train_files": "use --prompt_file / --ptx_file",
     "eval_files": "use --prompt_file / --ptx_file",
     "eval_every": "PPO has no eval loop; score held-out prompts with the report",
+    "rm_read": "the reward is read as the --reward_from model was trained (its workdir says)",
 }
 
 

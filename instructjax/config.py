@@ -13,6 +13,8 @@ from typing import Any
 from instructjax.model.config import ModelConfig
 
 SCHEDULES = ("cosine", "linear", "constant")
+# How the reward model's per-token values give a response's reward (rl_ops.read_reward).
+REWARD_READS = ("eos", "pooled")
 
 
 class ConfigError(ValueError):
@@ -93,7 +95,7 @@ class DataConfig:
     whitespace_runs: bool = True
     world_pretrain_docs: int = 4000
     world_sft_train: int = 4000
-    world_eval: int = 300
+    world_eval: int = 600
     world_prompts: int = 2000
     data_shards: int = 0  # 0: one per process (instructjax.data.shards)
 
@@ -119,10 +121,13 @@ class RunConfig:
     mesh: str = "data:1,fsdp:-1,tensor:1"
     init_from: str = ""  # workdir of an earlier stage whose final params start this run
     rm_center_coef: float = 0.0  # reward task: losses.RankingLossConfig.center_coef
+    rm_read: str = "eos"  # reward task: losses.RankingLossConfig.read (REWARD_READS)
 
     def __post_init__(self):
         _require(self.task in TASKS, f"task must be one of {TASKS}, got {self.task!r}")
         _require(bool(self.workdir), "--workdir must be set")
+        _require(self.rm_read in REWARD_READS,
+                 f"--rm_read must be one of {REWARD_READS}, got {self.rm_read!r}")
         _require(self.train.seq_len <= self.model.max_len,
                  f"--seq_len ({self.train.seq_len}) exceeds the model's max_len ({self.model.max_len})")
 

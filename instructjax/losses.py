@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from instructjax import rl_ops
+from instructjax.config import REWARD_READS
 
 Metrics = dict[str, tuple[jax.Array, jax.Array]]
 LossFn = Callable[..., tuple[jax.Array, Metrics]]
@@ -111,24 +112,50 @@ class RankingLossConfig:
     function must then learn before advantages mean anything; center_coef > 0 adds
     center_coef * (mean_k r_bk)^2 per prompt to pull them to 0 (TRL's
     center_rewards_coefficient, K-way). The bias that centres SFT outputs at 0 overall is
-    fitted after training, by the RM trainer."""
+    fitted after training, by the RM trainer. read: how a response's reward is read from the
+    per-token values (rl_ops.read_reward: 'eos' or 'pooled')."""
     center_coef: float = 0.0
+    read: str = "eos"
 
     def __post_init__(self):
         if self.center_coef < 0:
             raise ValueError(f"--rm_center_coef must be >= 0, got {self.center_coef}")
+        if self.read not in REWARD_READS:
+            raise ValueError(f"--rm_read must be one of {REWARD_READS}, got {self.read!r}")
+
+
+def ranking_rewards(params, batch: Mapping[str, jax.Array], rng, *, apply, read: str
+                    ) -> tuple[jax.Array, jax.Array]:
+    """(reward_BxK, segment_ids): ONE forward pass, r_bk = rl_ops.read_reward under `read`.
+    Padded: tokens/positions/segment_ids_BxKxT (prompt + response_k + EOS, right-padded,
+    segment 0 = pad) run as [B*K, T], response_start_BxK = column of the first response token.
+    Packed: tokens/positions/segment_ids_RxT, reward_index_BxK / response_start_BxK = flat
+    index of each response's last / first token. response_start_BxK is read for 'pooled' only."""
+    pooled = read == "pooled"
+    if "reward_index_BxK" in batch:  # packed layout (data/comparison_packing.py)
+        segment_ids = batch["segment_ids_RxT"]
+        values_RxT = apply(params, batch["tokens_RxT"], batch["positions_RxT"], segment_ids, rng)
+        return rl_ops.packed_read_reward(values_RxT, batch["reward_index_BxK"],
+                                         batch["response_start_BxK"] if pooled else None,
+                                         read), segment_ids
+    tokens_BxKxT = batch["tokens_BxKxT"]
+    B, K, T = tokens_BxKxT.shape
+    segment_ids = batch["segment_ids_BxKxT"].reshape(B * K, T)
+    values_BKxT = apply(params, tokens_BxKxT.reshape(B * K, T),
+                        batch["positions_BxKxT"].reshape(B * K, T), segment_ids, rng)
+    response_BKxT = (rl_ops.response_mask_from_start(batch["response_start_BxK"].reshape(-1),
+                                                     segment_ids) if pooled else None)
+    reward_BKx = rl_ops.read_reward(values_BKxT, segment_ids != 0, response_BKxT, read)
+    return reward_BKx.reshape(B, K), segment_ids
 
 
 def reward_ranking_loss(params, batch: Mapping[str, jax.Array], rng, *, apply,
                         cfg: RankingLossConfig) -> tuple[jax.Array, Metrics]:
     """InstructGPT RM loss: all C(K, 2) pairs of a K-way ranking in one batch element.
 
-    batch: tokens_BxKxT, positions_BxKxT, segment_ids_BxKxT (prompt + response_k + EOS,
-    right-padded, segment 0 = pad), rank_BxK (0 = best), valid_BxK (padding responses 0).
-    `apply` runs a head='scalar' model. ONE forward pass over the [B*K, T] reshape; the reward
-    r_bk is the output at the last real token of response k. Or the packed layout
-    tokens/positions/segment_ids_RxT + reward_index_BxK (flat index of each response's last
-    token): one forward pass over the packed rows.
+    batch: the responses (either layout of `ranking_rewards`, read as cfg.read), rank_BxK
+    (0 = best), valid_BxK (padding responses 0). `apply` runs a head='scalar' model, ONE
+    forward pass over every response.
 
         P_b      = {(w, l) : valid_bw, valid_bl, rank_bw < rank_bl}     (ties give no pair)
         loss_b   = 1/|P_b| * sum_{(w,l) in P_b} -log sigmoid(r_bw - r_bl)
@@ -137,18 +164,7 @@ def reward_ranking_loss(params, batch: Mapping[str, jax.Array], rng, *, apply,
 
     so every prompt weighs the same whatever its K (the paper's 1/C(K,2) normalisation), and
     prompts that are pure batch padding (no valid pair) count for nothing."""
-    if "reward_index_BxK" in batch:  # packed layout (data/comparison_packing.py)
-        segment_ids = batch["segment_ids_RxT"]
-        values_RxT = apply(params, batch["tokens_RxT"], batch["positions_RxT"], segment_ids, rng)
-        reward_BxK = values_RxT.reshape(-1)[batch["reward_index_BxK"]]
-    else:
-        tokens_BxKxT = batch["tokens_BxKxT"]
-        B, K, T = tokens_BxKxT.shape
-        segment_ids = batch["segment_ids_BxKxT"].reshape(B * K, T)
-        values_BKxT = apply(params, tokens_BxKxT.reshape(B * K, T),
-                            batch["positions_BxKxT"].reshape(B * K, T), segment_ids, rng)
-        reward_BxK = rl_ops.last_token_values(values_BKxT, segment_ids != 0).reshape(B, K)
-
+    reward_BxK, segment_ids = ranking_rewards(params, batch, rng, apply=apply, read=cfg.read)
     valid_BxK = batch["valid_BxK"].astype(bool)
     rank_BxK = batch["rank_BxK"]
     pair_BxKxK = (valid_BxK[:, :, None] & valid_BxK[:, None, :]

@@ -1,7 +1,7 @@
 """RL math for RLHF: masked statistics, GAE, KL estimators, per-token rewards, the adaptive
-KL controller and tempered log-probs. Small pure functions, float32 throughout, masks explicit,
-every one jit-able (Python-level arguments such as `temperature`, `target`, `horizon` are
-static configuration).
+KL controller, tempered log-probs and the reward model's reads. Small pure functions, float32
+throughout, masks explicit, every one jit-able (Python-level arguments such as `temperature`,
+`target`, `horizon`, `read` are static configuration).
 
 Shape legend: B batch, N response length, T full sequence length (prompt + response), V vocab.
 
@@ -98,6 +98,69 @@ def last_token_values(values_BxT: jax.Array, mask_BxT: jax.Array) -> jax.Array:
     index_B = last_index(mask_BxT)
     picked_B = jnp.take_along_axis(_f32(values_BxT), index_B[..., None], axis=-1)[..., 0]
     return jnp.where(jnp.any(jnp.asarray(mask_BxT) != 0, axis=-1), picked_B, 0.0)
+
+
+# --------------------------------------------------------------------------- reward reads
+# How a reward model's per-POSITION outputs values_BxT (the scalar head after reading
+# tokens[:, :t + 1]; not target-aligned) become one reward per row. Training, PPO's scoring
+# and the analysis must use the same read. Both reads are affine in the values with weights
+# summing to 1: adding c to every value (the RM's bias normalisation) adds c to the reward.
+
+def pooled_response_values(values_BxT: jax.Array, response_mask_BxT: jax.Array) -> jax.Array:
+    """The 'pooled' read: half the value at the response's last token (the EOS when it
+    ended), half the mean value over the response's tokens (EOS included, prompt excluded):
+
+        last_b = max{t : m_bt = 1}
+        r_b    = 0.5 * v[b, last_b]  +  0.5 * sum_t m_bt v_bt / sum_t m_bt
+
+    m = response_mask, 1 on the response's tokens. Any padding layout; rows without a
+    response token give 0."""
+    return 0.5 * last_token_values(values_BxT, response_mask_BxT) + 0.5 * masked_mean(
+        values_BxT, response_mask_BxT, axis=-1)
+
+
+def response_mask_from_start(start_B: jax.Array, real_mask_BxT: jax.Array) -> jax.Array:
+    """m[b, t] = 1 iff real[b, t] and t >= start_b: the response tokens of right-padded
+    prompt + response rows whose response starts at column start_b (the prompt length)."""
+    T = real_mask_BxT.shape[-1]
+    after_B = jnp.arange(T)[None, :] >= jnp.asarray(start_B)[:, None]
+    return (after_B & (jnp.asarray(real_mask_BxT) != 0)).astype(jnp.float32)
+
+
+def read_reward(values_BxT: jax.Array, real_mask_BxT: jax.Array, response_mask_BxT,
+                read: str) -> jax.Array:
+    """reward_B under `read`: 'eos' = the value at the last real token (`last_token_values`:
+    the EOS when the response ended; response_mask unused, may be None), 'pooled' =
+    `pooled_response_values` over response_mask."""
+    if read == "eos":
+        return last_token_values(values_BxT, real_mask_BxT)
+    if read == "pooled":
+        return pooled_response_values(values_BxT, response_mask_BxT)
+    raise ValueError(f"reward read must be 'eos' or 'pooled', got {read!r}")
+
+
+def packed_read_reward(values_RxT: jax.Array, end_BxK: jax.Array, start_BxK, read: str
+                       ) -> jax.Array:
+    """`read_reward` over a packed block: response (b, k) spans the flat indices
+    s = start_BxK[b, k] .. e = end_BxK[b, k] of values_RxT.reshape(-1) (its first and last
+    token, in one row). With v the flat values and cs the cumulative sum ALONG EACH ROW
+    (a row's partial sums stay small, so float32 keeps the differences exact enough):
+
+        eos:     r = v[e]
+        pooled:  r = 0.5 * v[e] + 0.5 * (cs[e] - cs[s] + v[s]) / (e - s + 1)
+
+    start_BxK is read only for 'pooled' (None is fine for 'eos')."""
+    flat = _f32(values_RxT).reshape(-1)
+    end_BxK = jnp.asarray(end_BxK)
+    if read == "eos":
+        return flat[end_BxK]
+    if read != "pooled":
+        raise ValueError(f"reward read must be 'eos' or 'pooled', got {read!r}")
+    start_BxK = jnp.asarray(start_BxK)
+    cs = jnp.cumsum(_f32(values_RxT), axis=-1).reshape(-1)
+    span_sum_BxK = cs[end_BxK] - cs[start_BxK] + flat[start_BxK]
+    count_BxK = jnp.maximum(end_BxK - start_BxK + 1, 1).astype(jnp.float32)
+    return 0.5 * flat[end_BxK] + 0.5 * span_sum_BxK / count_BxK
 
 
 # --------------------------------------------------------------------------- log-probs

@@ -244,7 +244,7 @@ def test_comparison_batches(built):
         assert set(b) == set(COMPARISON_BATCH_KEYS)
         for k in ("tokens_BxKxT", "positions_BxKxT", "segment_ids_BxKxT"):
             assert b[k].shape == (bsz, k_max, seq_len) and b[k].dtype == np.int32
-        for k in ("rank_BxK", "valid_BxK", "truncated_BxK"):
+        for k in ("rank_BxK", "valid_BxK", "truncated_BxK", "response_start_BxK"):
             assert b[k].shape == (bsz, k_max) and b[k].dtype == np.int32
         for e in range(bsz):
             valid = b["valid_BxK"][e]
@@ -273,9 +273,10 @@ def test_comparison_batches(built):
                 assert np.all(pos[:length] == np.arange(length)) and np.all(pos[length:] == 0)
                 assert np.all(row[length:] == tok.pad_id)
                 if k >= n:
-                    assert length == 0
+                    assert length == 0 and b["response_start_BxK"][e, k] == 0
                     continue
                 assert row[:len(prompt)].tolist() == prompt
+                assert b["response_start_BxK"][e, k] == len(prompt)
                 assert row[length - 1] == tok.eos_id and b["truncated_BxK"][e, k] == 0
                 assert tok.decode(row[len(prompt):length - 1]) == record["responses"][k]
     assert seen == len(records)
@@ -352,7 +353,7 @@ def test_packed_batches_hold_every_response_once(built):
             n = int(b["valid_BxK"][e].sum())
             if n == 0:
                 continue
-            texts = []
+            texts, spans = [], []
             for k in range(n):
                 end = int(b["reward_index_BxK"][e, k])
                 start = end - int(flat_pos[end])
@@ -361,8 +362,13 @@ def test_packed_batches_hold_every_response_once(built):
                 assert np.all(flat_pos[start:end + 1] == np.arange(end - start + 1))
                 assert start // seq_len == end // seq_len  # never across rows
                 texts.append(tok.decode(flat_tokens[start:end]))
+                spans.append((start, int(b["response_start_BxK"][e, k]), end))
             record = next(r for p, r in by_prompt.items() if texts[0].startswith(p))
             assert texts == [record["prompt"] + x for x in record["responses"]]
+            for (start, first, end), response in zip(spans, record["responses"]):
+                # the 'pooled' read's span: the response's first token .. its EOS
+                assert flat_tokens[start:first].tolist() == tok.encode(record["prompt"])
+                assert tok.decode(flat_tokens[first:end]) == response
             assert [int(i) for i in np.argsort(b["rank_BxK"][e][:n])] == record["ranking"]
             seen.append(record["prompt"])
     assert sorted(seen) == sorted(by_prompt)
@@ -371,6 +377,24 @@ def test_packed_batches_hold_every_response_once(built):
     with pytest.raises(DataError, match="raise --pack_rows"):
         list(_packed(src["train"], tok, seq_len, rows=1, max_prompts=5, shuffle=False,
                      num_epochs=1))
+
+
+def test_packed_indices_are_over_the_global_block(built):
+    _, records, src, tok = built
+    seq_len, rows = _fitting_len(records, tok), 12
+    kw = dict(shuffle=False, num_epochs=1, shard_count=2)
+    for shard in range(2):
+        for b in _packed(src["train"], tok, seq_len, rows=rows, max_prompts=5, shard_index=shard,
+                         **kw):
+            live = b["valid_BxK"] > 0
+            for key in ("reward_index_BxK", "response_start_BxK"):  # this host's rows
+                assert np.all(b[key][live] // (rows * seq_len) == shard)
+            local_end = b["reward_index_BxK"][live] - shard * rows * seq_len
+            local_first = b["response_start_BxK"][live] - shard * rows * seq_len
+            assert np.all(b["tokens_RxT"].reshape(-1)[local_end] == tok.eos_id)
+            assert np.all(local_first // seq_len == local_end // seq_len)
+            assert np.all((local_first <= local_end)
+                          & (b["positions_RxT"].reshape(-1)[local_first] > 0))
 
 
 def test_packed_iterator_state_resumes_exactly(built):
@@ -386,9 +410,10 @@ def test_packed_iterator_state_resumes_exactly(built):
             np.testing.assert_array_equal(a[k], b[k])
 
 
-def test_packed_ranking_loss_equals_padded(built):
+@pytest.mark.parametrize("read", ["eos", "pooled"])
+def test_packed_ranking_loss_equals_padded(built, read):
     """The same comparisons through the packed and the padded layouts give the same loss,
-    accuracy and rewards (one forward pass each, a tiny scalar-head model)."""
+    accuracy and rewards (one forward pass each, a tiny scalar-head model), for each read."""
     import jax
     from instructjax.losses import RankingLossConfig, make_apply, reward_ranking_loss
     from instructjax.model.config import ModelConfig
@@ -402,7 +427,7 @@ def test_packed_ranking_loss_equals_padded(built):
                         np.arange(4)[None].astype(np.int32), np.ones((1, 4), np.int32))["params"]
     apply = make_apply(model)
     loss = jax.jit(lambda p, b: reward_ranking_loss(p, b, None, apply=apply,
-                                                    cfg=RankingLossConfig()))
+                                                    cfg=RankingLossConfig(read=read)))
     n = len(records)
     padded = next(iter(comparison_batches(src["train"], tok, seq_len=seq_len, batch_size=n,
                                           shuffle=False, num_epochs=1)))
@@ -414,3 +439,6 @@ def test_packed_ranking_loss_equals_padded(built):
     for k in m_pad:
         if k != "tokens":
             np.testing.assert_allclose(m_pack[k], m_pad[k], rtol=1e-5, atol=1e-6)
+    if read == "pooled":  # a different read indeed
+        eos = reward_ranking_loss(params, padded, None, apply=apply, cfg=RankingLossConfig())
+        assert abs(float(eos[1]["reward_mean"][0]) - float(m_pad["reward_mean"][0])) > 1e-3

@@ -133,7 +133,7 @@ def test_demonstrations_cover_kinds_in_instruction_style(demo_data):
     assert kinds[:6] == list(em.KINDS) and sorted(kinds) == sorted(list(em.KINDS) * 2)
 
 
-@pytest.mark.parametrize("max_len,max_new", [(256, 32), (400, 24), (1024, 16)])
+@pytest.mark.parametrize("max_len,max_new", [(256, 32), (400, 24), (2048, 16)])
 def test_few_shot_prefix_fits_the_context(demo_data, max_len, max_new):
     root, tasks = demo_data
     tok = ByteTokenizer()

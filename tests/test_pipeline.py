@@ -1,5 +1,5 @@
-"""The main job end to end on a tiny model: pretrain -> SFT -> comparisons -> RM -> PPO,
-PPO-ptx, DPO -> evaluation, then a rerun that skips every stage (slow: its own command)."""
+"""The main job end to end on a tiny model: pretrain -> SFT, diligent-only SFT ->
+comparisons -> RM -> PPO, PPO-ptx, DPO -> evaluation, then a rerun that skips every stage (slow: its own command)."""
 import json
 import os
 import subprocess
@@ -17,6 +17,8 @@ STAGES = {
                          "--world_eval=40", "--world_prompts=60"],
     "sft": MODEL + ["--steps=6", "--batch_size=8", "--seq_len=256", "--checkpoint_every=6",
                     "--eval_every=6"],
+    "sft_diligent": MODEL + ["--steps=2", "--batch_size=8", "--seq_len=256",
+                             "--checkpoint_every=2", "--eval_every=2"],
     "comparisons": ["--train_prompts=16", "--eval_prompts=8", "--max_new_tokens=8"],
     "reward": MODEL + ["--steps=3", "--batch_size=4", "--pack_rows=12", "--seq_len=256",
                        "--checkpoint_every=3", "--eval_every=3", "--rm_center_coef=0.1"],
@@ -52,11 +54,13 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path):
     first = _main_job(tmp_path, flagfiles)
     run = tmp_path / "run"
     results = json.loads((run / "eval.json").read_text())
-    assert results["settings"]["order"] == ["base", "sft", "ppo", "ppo_ptx", "dpo"]
+    assert results["settings"]["order"] == ["base", "sft", "sft_diligent", "ppo",
+                                                    "ppo_ptx", "dpo"]
     for name, entry in results["models"].items():
         assert 0.0 <= entry["win_rate"]["win_rate"] <= 1.0, name
         assert entry["win_rate"]["n"] == 12
-        for rate in ("hallucination", "toxic", "instruction_following"):
+        for rate in ("hallucination", "toxic", "instruction_following",
+                     "constraint_following"):
             assert 0.0 <= entry["rates"][rate]["rate"] <= 1.0
         assert entry["pretrain_loss"] > 0
     assert results["models"]["sft"]["win_rate"]["win_rate"] == 0.5  # against itself: ties
@@ -65,4 +69,4 @@ def test_main_job_runs_every_stage_then_skips_them(tmp_path):
     assert "win vs sft" in first.stdout
     # A rerun finds every stage done and only evaluates again.
     second = _main_job(tmp_path, flagfiles)
-    assert second.stderr.count("done already") == 7, second.stderr[-3000:]
+    assert second.stderr.count("done already") == 8, second.stderr[-3000:]

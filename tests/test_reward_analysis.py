@@ -1,14 +1,18 @@
 """Reward-model analysis: the answer-blind gold judge, pairwise accuracy by kind, best-of-n,
 and the reward/likelihood readers agreeing with the ones training and sampling use."""
+import dataclasses
 import json
 import random
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
 from fakes import fake_run
-from instructjax import parallel
+from instructjax import losses, parallel
+from instructjax.config import ConfigError, DataConfig, OptimConfig, RunConfig, TrainConfig
+from instructjax.data import pipeline
 from instructjax.data.jsonl import read_jsonl, write_json_atomic
 from instructjax.data.comparisons import write_comparisons
 from instructjax.data.tokenizer import train_tokenizer
@@ -16,17 +20,18 @@ from instructjax.data.world import gold, labelers, write_world
 from instructjax.losses import make_apply
 from instructjax.model.config import preset
 from instructjax.model.transformer import Transformer
-from instructjax.rlhf import ppo, reward_analysis, rollout
+from instructjax.rlhf import ppo, ppo_run, reward_analysis, rollout
 from instructjax.sampling import left_pad
 from instructjax.train import state as state_lib
+from instructjax.train import run
 from instructjax.train.run import load_trained
 
 ARITH = {"kind": "arith", "prompt": "What is 2 plus 3?\n", "answer": "5", "accept": ["5"]}
 
 
-def test_answer_blind_gold_sees_form_but_not_correctness_or_closeness():
+def test_answer_blind_gold_sees_form_but_not_correctness():
     blind = lambda r: gold.gold_score(ARITH, r, knows_answer=False)  # noqa: E731
-    assert gold.gold_score(ARITH, "5") > gold.gold_score(ARITH, "15") > gold.gold_score(ARITH, "9")
+    assert gold.gold_score(ARITH, "5") > gold.gold_score(ARITH, "15") == gold.gold_score(ARITH, "9")
     assert blind("5") == blind("15") == blind("9")  # right, close and far look alike
     assert blind("5") > blind("five apples and pears")  # a number where a number is asked
     assert blind("5") > blind("I'm sorry, but I can't help with that.")
@@ -89,12 +94,14 @@ def runs(tmp_path_factory):
     return root, mesh, cfg
 
 
-def test_reward_read_where_ppo_reads_it(runs):
+@pytest.mark.parametrize("read", ["eos", "pooled"])
+def test_reward_read_where_training_and_ppo_read_it(runs, read):
     root, mesh, _ = runs
     reward = load_trained(root / "reward", mesh, head="scalar")
     model, params, tok = reward
     prompts, responses = ["What is 2 plus 3?\n", "Hello"], ["5", " there, my friend."]
-    ours = reward_analysis.reward_scores(reward, prompts, responses, mesh=mesh, seq_len=64)
+    ours = reward_analysis.reward_scores(reward, prompts, responses, mesh=mesh, seq_len=64,
+                                         read=read)
     prompt_BxP, prompt_mask = left_pad([tok.encode(p) for p in prompts], tok.pad_id, 16)
     # PPO's rollouts: the prompt left-padded, then the response (with its EOS) right-padded
     response_BxN = np.full((2, 12), tok.pad_id, np.int32)
@@ -102,10 +109,46 @@ def test_reward_read_where_ppo_reads_it(runs):
     for i, r in enumerate(responses):
         ids = tok.encode(r) + [tok.eos_id]
         response_BxN[i, :len(ids)], response_mask[i, :len(ids)] = ids, 1
-    tokens, positions, segments, _ = rollout.assemble(prompt_BxP, prompt_mask, response_BxN,
-                                                      response_mask)
-    theirs = rollout.reward_model_score(make_apply(model), params, tokens, positions, segments)
-    np.testing.assert_allclose(ours, np.asarray(theirs), rtol=1e-4, atol=1e-5)
+    tokens, positions, segments, response_BxT = rollout.assemble(prompt_BxP, prompt_mask,
+                                                                 response_BxN, response_mask)
+    models = rollout.RolloutModels(policy=Transformer(model.cfg), value=model, reward=model,
+                                   reward_read=read)
+    ppo = models.score(params, tokens, positions, segments, response_BxT)
+    np.testing.assert_allclose(ours, np.asarray(ppo), rtol=1e-4, atol=1e-5)
+    # Training: each prompt's responses as the comparison pipeline encodes them.
+    encode = pipeline.EncodeComparison(tok.path, 64, 2)
+    batch = [encode({"prompt": p, "responses": [r, " no"], "ranking": [0, 1]})
+             for p, r in zip(prompts, responses)]
+    batch = {k: np.stack([b[k] for b in batch]) for k in batch[0]}
+    trained, _ = losses.ranking_rewards(params, batch, None, apply=make_apply(model), read=read)
+    np.testing.assert_allclose(ours, np.asarray(trained)[:, 0], rtol=1e-4, atol=1e-5)
+    if read == "pooled":  # a different read indeed
+        eos = reward_analysis.reward_scores(reward, prompts, responses, mesh=mesh, seq_len=64,
+                                            read="eos")
+        assert np.min(np.abs(np.subtract(ours, eos))) > 1e-4
+
+
+def test_reward_read_recorded_in_the_workdir_is_what_ppo_uses(runs, tmp_path):
+    root, mesh, cfg = runs
+    run_cfg = RunConfig(task="reward", workdir=str(tmp_path / "rm"), model=cfg,
+                        optim=OptimConfig(learning_rate=1e-3),
+                        train=TrainConfig(steps=1, batch_size=1, seq_len=64),
+                        data=DataConfig(data_dir=str(tmp_path / "data")), rm_read="pooled")
+    run.write_run_record(run_cfg, [])
+    assert run.load_reward_read(tmp_path / "rm") == "pooled"
+    assert run.load_reward_read(root / "reward") == "eos"  # written before reads were recorded
+    with pytest.raises(ConfigError, match="--rm_read=pooled"):  # no resuming with another read
+        run._check_reward_read(dataclasses.replace(run_cfg, rm_read="eos"))
+    with pytest.raises(ValueError, match="--rm_read"):
+        dataclasses.replace(run_cfg, rm_read="mean")
+
+    # The same trained reward model with the 'pooled' record next to it.
+    pooled_dir = tmp_path / "rm_pooled"
+    shutil.copytree(root / "reward", pooled_dir)
+    shutil.copy(tmp_path / "rm" / run.REWARD_CONFIG_FILE, pooled_dir)
+    model = Transformer(cfg, head="scalar")
+    assert ppo_run.rollout_models(Transformer(cfg), model, pooled_dir).reward_read == "pooled"
+    assert ppo_run.rollout_models(Transformer(cfg), model, root / "reward").reward_read == "eos"
 
 
 def test_log_likelihood_is_the_responses_and_eos_tokens_only(runs):

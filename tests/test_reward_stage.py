@@ -16,8 +16,8 @@ from instructjax.data import builders, pipeline
 from instructjax.train.run import NORMALISE_BATCHES, load_trained
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["--model=tiny", "--vocab_size=512", "--batch_size=8", "--log_every=2",
-          "--warmup_steps=1", "--world_pretrain_docs=150", "--world_sft_train=50",
+COMMON = ["--model=tiny", "--model_override=max_len=256", "--vocab_size=512", "--batch_size=8",
+          "--log_every=2", "--warmup_steps=1", "--world_pretrain_docs=150", "--world_sft_train=50",
           "--world_eval=20", "--world_prompts=20", "--host_devices=4"]
 
 

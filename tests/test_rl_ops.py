@@ -196,3 +196,75 @@ def test_kl_estimators_exact_expectations():
                                [k3[0] + k3[1]], rtol=1e-6)
     np.testing.assert_allclose(rl_ops.sequence_kl(logp[None], logq[None], mask),
                                [k1[0] + k1[1]], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- reward reads
+
+def _pooled_reference(values, response_mask):
+    """0.5 * value at the last response token + 0.5 * mean value over the response."""
+    out = []
+    for v, m in zip(values.tolist(), response_mask.tolist()):
+        picked = [x for x, on in zip(v, m) if on]
+        out.append(0.5 * picked[-1] + 0.5 * sum(picked) / len(picked) if picked else 0.0)
+    return out
+
+
+# Columns 0..6; P = prompt token, R = response token (EOS last), . = padding.
+READ_VALUES = np.array([[1, 2, 3, 4, 5, 6, 7],
+                        [10, 20, 30, 40, 50, 60, 70],
+                        [-1, -2, -4, -8, -16, -32, -64],
+                        [3, 1, 4, 1, 5, 9, 2],
+                        [5, 5, 5, 5, 5, 5, 5]], np.float32)
+READ_REAL = np.array([[1, 1, 1, 1, 1, 0, 0],    # right-padded: P P R R R . .
+                      [0, 0, 1, 1, 1, 1, 1],    # left-padded:  . . P P R R R
+                      [1, 1, 1, 0, 0, 0, 0],    # a one-token response: P P R . . . .
+                      [0, 1, 1, 1, 1, 0, 0],    # both:         . P R R R . .
+                      [0, 0, 0, 0, 0, 0, 0]])   # no tokens at all
+READ_START = np.array([2, 4, 2, 2, 0])            # column of each row's first response token
+READ_RESPONSE = np.array([[0, 0, 1, 1, 1, 0, 0],
+                          [0, 0, 0, 0, 1, 1, 1],
+                          [0, 0, 1, 0, 0, 0, 0],
+                          [0, 0, 1, 1, 1, 0, 0],
+                          [0, 0, 0, 0, 0, 0, 0]])
+
+
+def test_pooled_response_values_vs_loop_and_by_hand():
+    got = jax.jit(rl_ops.pooled_response_values)(READ_VALUES, READ_RESPONSE)
+    np.testing.assert_allclose(got, _pooled_reference(READ_VALUES, READ_RESPONSE), rtol=1e-6)
+    # by hand: row 0 = 0.5 * 5 + 0.5 * (3 + 4 + 5) / 3; the one-token row is its value
+    np.testing.assert_allclose(got, [4.5, 65.0, -4.0, 2.5 + 10 / 6, 0.0], rtol=1e-6)
+    # A mean off by one token (the last prompt token in, or the EOS out) shows.
+    shifted = np.roll(READ_RESPONSE, -1, axis=1)
+    assert not np.allclose(_pooled_reference(READ_VALUES, shifted), got)
+    # Adding c to every value (the RM's bias) adds c to the read.
+    np.testing.assert_allclose(rl_ops.pooled_response_values(READ_VALUES + 2.5, READ_RESPONSE)
+                               - got, [2.5, 2.5, 2.5, 2.5, 0.0], rtol=1e-6)
+
+
+def test_read_reward_and_response_mask_from_start():
+    mask = rl_ops.response_mask_from_start(READ_START, READ_REAL)
+    np.testing.assert_array_equal(mask, READ_RESPONSE)
+    eos = rl_ops.read_reward(READ_VALUES, READ_REAL, None, "eos")
+    np.testing.assert_allclose(eos, [5, 70, -4, 5, 0])
+    np.testing.assert_allclose(rl_ops.read_reward(READ_VALUES, READ_REAL, mask, "pooled"),
+                               _pooled_reference(READ_VALUES, READ_RESPONSE), rtol=1e-6)
+    with pytest.raises(ValueError, match="'eos' or 'pooled'"):
+        rl_ops.read_reward(READ_VALUES, READ_REAL, mask, "mean")
+
+
+def test_packed_read_reward_vs_loop():
+    rng = np.random.default_rng(5)
+    R, T = 3, 8
+    values = rng.normal(size=(R, T)).astype(np.float32) * 10 + 50  # large prefix sums
+    flat = values.reshape(-1)
+    # (first response token, last token) per response, flat; spans stay in their row, one
+    # response starts at column 0 of a row (an empty prompt), one is a single token.
+    start = np.array([[1, 5, 8], [11, 16, 23]], np.int32)
+    end = np.array([[3, 7, 10], [14, 21, 23]], np.int32)
+    got = jax.jit(rl_ops.packed_read_reward, static_argnums=(3,))(values, end, start, "pooled")
+    want = [[0.5 * flat[e] + 0.5 * sum(flat[s:e + 1].tolist()) / (e - s + 1)
+             for s, e in zip(srow, erow)] for srow, erow in zip(start, end)]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(rl_ops.packed_read_reward(values, end, None, "eos"), flat[end])
+    off = rl_ops.packed_read_reward(values, end, start + 1, "pooled")  # one token short
+    assert not np.allclose(off, want, rtol=1e-5)

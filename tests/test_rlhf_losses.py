@@ -114,6 +114,78 @@ def test_reward_ranking_loss_vs_double_loop(K, n_valid, center):
     assert float(metrics["reward_margin"][0]) == pytest.approx(margins, rel=1e-5, abs=1e-5)
 
 
+# Two prompts' responses by hand: (prompt, response + EOS) token lists, K = 3 (the second
+# prompt has two real responses). Packed into an [R=2, T=12] block; padded: [B, K, T].
+READ_SEQS = [[([1, 2], [3, 4, 9]), ([1, 2], [5, 9]), ([1, 2], [6, 7, 8, 9])],
+             [([3], [9]), ([3], [2, 2, 9])]]
+READ_PLACES = [[(0, 0), (0, 5), (1, 0)], [(0, 9), (1, 6)]]  # (row, column of the prompt)
+
+
+def _read_batches():
+    K, T = 3, 12
+    rank = np.array([[1, 0, 2], [0, 1, 3]], np.int32)
+    valid = np.array([[1, 1, 1], [1, 1, 0]], np.int32)
+    packed = {k: np.zeros((2, T), np.int32) for k in ("tokens_RxT", "positions_RxT",
+                                                       "segment_ids_RxT")}
+    padded = {k: np.zeros((2, K, T), np.int32) for k in ("tokens_BxKxT", "positions_BxKxT",
+                                                         "segment_ids_BxKxT")}
+    index, start = np.zeros((2, K), np.int32), np.zeros((2, K), np.int32)
+    for b, (seqs, places) in enumerate(zip(READ_SEQS, READ_PLACES)):
+        for k, ((prompt, response), (row, col)) in enumerate(zip(seqs, places)):
+            ids = prompt + response
+            n = len(ids)
+            packed["tokens_RxT"][row, col:col + n] = ids
+            packed["positions_RxT"][row, col:col + n] = np.arange(n)
+            packed["segment_ids_RxT"][row, col:col + n] = 1 + packed["segment_ids_RxT"][row].max()
+            index[b, k], start[b, k] = row * T + col + n - 1, row * T + col + len(prompt)
+            padded["tokens_BxKxT"][b, k, :n] = ids
+            padded["positions_BxKxT"][b, k, :n] = np.arange(n)
+            padded["segment_ids_BxKxT"][b, k, :n] = 1
+            padded.setdefault("response_start_BxK", np.zeros((2, K), np.int32))[b, k] = len(prompt)
+    common = {"rank_BxK": rank, "valid_BxK": valid}
+    return ({**packed, "reward_index_BxK": index, "response_start_BxK": start, **common},
+            {**padded, **common})
+
+
+def _ranking_loss_reference(r, rank, valid, center=0.0):
+    total = 0.0
+    for b in range(len(r)):
+        live = [k for k in range(len(r[b])) if valid[b][k]]
+        terms = [-log_sigmoid(r[b][w] - r[b][l]) for w in live for l in live
+                 if rank[b][w] < rank[b][l]]
+        if terms:
+            mean_r = sum(r[b][k] for k in live) / len(live)
+            total += sum(terms) / len(terms) + center * mean_r ** 2
+    return total
+
+
+@pytest.mark.parametrize("read", ["eos", "pooled"])
+def test_reward_ranking_loss_reads_packed_and_padded_by_hand(read):
+    vtable = np.linspace(-2.0, 3.0, 10).astype(np.float32) ** 2
+    packed, padded = _read_batches()
+    r = []
+    for seqs in READ_SEQS:
+        r.append([])
+        for prompt, response in seqs:
+            v = [float(vtable[t]) for t in response]  # the values of the response's tokens
+            r[-1].append(v[-1] if read == "eos" else 0.5 * v[-1] + 0.5 * sum(v) / len(v))
+        r[-1] += [0.0] * (3 - len(seqs))
+    want = _ranking_loss_reference(r, packed["rank_BxK"], packed["valid_BxK"], center=0.2)
+    cfg = losses.RankingLossConfig(read=read, center_coef=0.2)
+    for batch in (packed, padded):
+        got, metrics = jit(losses.reward_ranking_loss)(vtable, batch, None, apply=value_apply,
+                                                       cfg=cfg)
+        assert float(got) == pytest.approx(want, rel=1e-5)
+        rewards, _ = losses.ranking_rewards(vtable, batch, None, apply=value_apply, read=read)
+        np.testing.assert_allclose(np.asarray(rewards) * batch["valid_BxK"], r, rtol=1e-5)
+    if read == "eos":  # the last token's read needs no response start
+        del packed["response_start_BxK"], padded["response_start_BxK"]
+        assert float(jit(losses.reward_ranking_loss)(vtable, packed, None, apply=value_apply,
+                                                     cfg=cfg)[0]) == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="--rm_read"):
+        losses.RankingLossConfig(read="mean")
+
+
 # --------------------------------------------------------------------------- DPO
 
 def _np_seq_logp(table, tokens, mask):

@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 
 from instructjax.data.jsonl import read_jsonl
-from instructjax.data.world import (IDK, KINDS, REFUSAL, STYLES, World, gold_score, judge,
-                                    normalise, write_world)
+from instructjax.data.world import (IDK, KINDS, REFUSAL, STYLES, World, constraints,
+                                    demonstrators, gold_score, judge, normalise, write_world)
 from instructjax.data.world.tasks import make_task
 
 SIZES = dict(n_pretrain_docs=300, n_sft_train=360, n_sft_eval=72, n_prompts=144)
@@ -32,10 +32,10 @@ def records(world):
 
 def test_files_and_manifest(world, records):
     out, paths = world
-    assert set(paths) == {"pretrain_train", "pretrain_eval", *PROMPT_FILES}
+    assert set(paths) == {"pretrain_train", "pretrain_eval", "sft_train_diligent", *PROMPT_FILES}
     assert all(p.parent == out and p.suffix == ".jsonl" and p.is_file() for p in paths.values())
     manifest = json.loads((out / "world.json").read_text())
-    assert manifest == {**SIZES, "seed": 0, "version": 2}
+    assert manifest == {**SIZES, "seed": 0, "version": 3}
     assert len(records["pretrain_train"]) == SIZES["n_pretrain_docs"]
     assert len(records["pretrain_eval"]) == 50  # max(50, n // 20)
     assert len(records["sft_train"]) == SIZES["n_sft_train"]
@@ -47,6 +47,10 @@ def test_files_and_manifest(world, records):
             assert r["kind"] in KINDS and r["style"] in STYLES and r["prompt"]
             assert normalise(r["answer"]) in {normalise(a) for a in r["accept"]}
             assert ("response" in r) == name.startswith("sft")
+            assert r["constraint"] in ("", *constraints.NAMES)
+    # The diligent demonstrators' share of sft_train, and nobody else's.
+    diligent = [r for r in records["sft_train"] if r["diligence"] >= demonstrators.DILIGENT_MIN]
+    assert records["sft_train_diligent"] == diligent and 0 < len(diligent) < SIZES["n_sft_train"]
     assert not list(out.glob("*.tmp")) and not list(out.glob("*.jsonl.*"))
 
 
@@ -86,9 +90,11 @@ def test_gold_demonstrations_are_correct(records):
     for name in ("sft_train", "sft_eval"):
         for task in records[name]:
             verdict = judge(task, task["response"])
-            assert verdict == dict(correct=True, follows_instruction=True, toxic=False,
-                                   hallucination=False, refusal=task["kind"] == "harmful"), task
-            assert gold_score(task, task["response"]) >= 0.9, task
+            obeyed = task.get("obeyed", True)  # demonstrators obey constraints only sometimes
+            assert verdict == dict(correct=True, follows_instruction=True,
+                                   follows_constraint=obeyed, toxic=False, hallucination=False,
+                                   refusal=task["kind"] == "harmful"), task
+            assert gold_score(task, task["response"]) >= (0.9 if obeyed else 0.65), task
     for name in ("prompts_train", "prompts_eval"):  # the recorded answer is the gold answer
         for task in records[name]:
             assert judge(task, task["answer"])["correct"], task

@@ -3,14 +3,17 @@
 A prompt + response sequence averages ~40 tokens in the demo, while the padded layout
 [B, k_max, seq_len] reserves k_max * seq_len per prompt: ~85% of its compute is padding.
 Here the sequences of whole prompts are packed first-fit into a fixed [rows, seq_len]
-block (segment ids keep them apart; positions restart per sequence) and `reward_index_BxK`
-points at each response's last real token in the flattened block. A batch holds as many
-whole prompts as fit, up to `max_prompts`, so all K responses of a prompt stay in one batch
-element and every response still gets exactly one forward pass. Keys:
+block (segment ids keep them apart; positions restart per sequence); `reward_index_BxK`
+points at each response's last real token in the flattened block and `response_start_BxK`
+at its first response token (after the prompt). A batch holds as many whole prompts as
+fit, up to `max_prompts`, so all K responses of a prompt stay in one batch element and
+every response still gets exactly one forward pass. Keys:
 
   tokens_RxT, positions_RxT, segment_ids_RxT int32   the packed block (segment 0 = padding)
   reward_index_BxK int32  flat index r * seq_len + t of response k's last token, over the
                           GLOBAL block (this host's rows follow the rows of lower hosts)
+  response_start_BxK int32  flat index of response k's first token (after its prompt), over
+                          the same global block (the 'pooled' reward read)
   rank_BxK, valid_BxK, truncated_BxK int32   as in pipeline.comparison_batches
 """
 
@@ -23,7 +26,7 @@ from instructjax.data.jsonl import DataError
 from instructjax.data.pipeline import EncodeComparison, _host_records
 
 PACKED_COMPARISON_KEYS = ("tokens_RxT", "positions_RxT", "segment_ids_RxT", "reward_index_BxK",
-                          "rank_BxK", "valid_BxK", "truncated_BxK")
+                          "response_start_BxK", "rank_BxK", "valid_BxK", "truncated_BxK")
 
 
 def _first_fit(lengths: list[int], fill: np.ndarray, seq_len: int) -> list[int] | None:
@@ -65,6 +68,7 @@ class _PackedIterator(grain.DatasetIterator):
         positions = np.zeros((R, T), np.int32)
         segment_ids = np.zeros((R, T), np.int32)
         index = np.zeros((B, K), np.int32)
+        response_start = np.zeros((B, K), np.int32)
         rank = np.full((B, K), K, np.int32)
         valid = np.zeros((B, K), np.int32)
         truncated = np.zeros((B, K), np.int32)
@@ -92,6 +96,8 @@ class _PackedIterator(grain.DatasetIterator):
                 positions[r, start:start + n] = np.arange(n)
                 segment_ids[r, start:start + n] = segments[r]
                 index[b, k] = (self.row_offset + r) * T + start + n - 1
+                response_start[b, k] = ((self.row_offset + r) * T + start
+                                        + int(record["response_start_BxK"][k]))
                 fill[r] += n
             rank[b], valid[b], truncated[b] = (record["rank_BxK"], record["valid_BxK"],
                                                record["truncated_BxK"])
@@ -100,7 +106,8 @@ class _PackedIterator(grain.DatasetIterator):
         if b == 0:
             raise StopIteration
         return {"tokens_RxT": tokens, "positions_RxT": positions,
-                "segment_ids_RxT": segment_ids, "reward_index_BxK": index, "rank_BxK": rank,
+                "segment_ids_RxT": segment_ids, "reward_index_BxK": index,
+                "response_start_BxK": response_start, "rank_BxK": rank,
                 "valid_BxK": valid, "truncated_BxK": truncated}
 
     def get_state(self):

@@ -193,7 +193,7 @@ def eval_batches(source, tokenizer: Tokenizer, *, kind: str, seq_len: int, batch
 # ----------------------------------------------------------------------------- comparisons
 
 COMPARISON_BATCH_KEYS = ("tokens_BxKxT", "positions_BxKxT", "segment_ids_BxKxT", "rank_BxK",
-                         "valid_BxK", "truncated_BxK")
+                         "valid_BxK", "truncated_BxK", "response_start_BxK")
 
 
 class EncodeComparison(_WithTokenizer):
@@ -236,6 +236,8 @@ class EncodeComparison(_WithTokenizer):
         positions = np.zeros((k_max, seq_len), np.int32)
         segment_ids = np.zeros((k_max, seq_len), np.int32)
         truncated = np.zeros(k_max, np.int32)
+        start = np.zeros(k_max, np.int32)
+        start[:len(responses)] = len(prompt)  # the column of each response's first token
         for k, response in enumerate(responses):
             ids = prompt + tok.encode(response) + [tok.eos_id]
             if len(ids) > seq_len:
@@ -254,7 +256,7 @@ class EncodeComparison(_WithTokenizer):
         valid = (np.arange(k_max) < len(responses)).astype(np.int32)
         return {"tokens_BxKxT": tokens, "positions_BxKxT": positions,
                 "segment_ids_BxKxT": segment_ids, "rank_BxK": rank, "valid_BxK": valid,
-                "truncated_BxK": truncated}
+                "truncated_BxK": truncated, "response_start_BxK": start}
 
 
 class PadBatch:
@@ -289,6 +291,8 @@ def comparison_batches(source, tokenizer: Tokenizer, *, seq_len: int, batch_size
       rank_BxK int32           place of response k in the ranking (0 = best); k_max if empty
       valid_BxK int32          1 for real responses, 0 for the empty slots K..k_max-1
       truncated_BxK int32      1 where the response was cut at seq_len (no EOS)
+      response_start_BxK int32 column of response k's first token (the prompt's length;
+                               0 for empty slots): the 'pooled' reward read needs it
 
     `source` holds records with "prompt", "responses" and "ranking" (lists, or JSON text as
     stored by the "comparison" tfds kind; pairwise records are converted as in

@@ -54,7 +54,7 @@ def heldout_loss(model, params, tokenizer, source, *, kind: str, seq_len: int, b
 # Tokens kept free between the few-shot prefix + prompt and the sampled response.
 CONTEXT_MARGIN = 4
 # Task fields copied into each per-prompt sample record.
-TASK_FIELDS = ("id", "kind", "style", "prompt", "answer")
+TASK_FIELDS = ("id", "kind", "style", "constraint", "prompt", "answer")
 
 
 def labeler_noise(data_dir: str | Path) -> tuple[float, int, str]:
@@ -160,6 +160,8 @@ def evaluate_policies(workdirs: Mapping[str, str | Path], *, data_dir: str | Pat
         outcomes[name] = eval_metrics.win_outcomes(tasks, responses[name], responses[reference],
                                                    pool, seed=seed)
         models[name]["win_rate"] = eval_metrics.win_rate(outcomes[name], seed=seed)
+        models[name]["win_rate_by_constraint"] = eval_metrics.win_rate_by_constraint(
+            tasks, outcomes[name], seed=seed)
     settings = {"order": list(workdirs),  # eval.json sorts keys: the models' order is here
                 "num_prompts": len(tasks), "reference": reference, "temperature": temperature,
                 "max_new_tokens": max_new_tokens, "seed": seed, "stop": list(stop),
@@ -183,19 +185,20 @@ def format_table(results: dict, num_samples: int = 6) -> str:
     settings it depends on, and a few prompts of different kinds with every model's answer."""
     s, models = results["settings"], results["models"]
     ref = s["reference"]
-    header = (f"{'model':<10} {'win vs ' + ref:>10} {'95% CI':>15} {'accuracy':>9} "
-              f"{'follows':>8} {'halluc.':>8} {'toxic':>6} {'refuses':>8} {'gold':>6} "
-              f"{'pretrain':>9} {'demo':>7}")
-    sub = (f"{'':<10} {'':>10} {'(Wilson)':>15} {'':>9} {'':>8} {'(unans.)':>8} {'':>6} "
-           f"{'(harmful)':>8} {'score':>6} {'loss':>9} {'loss':>7}")
+    header = (f"{'model':<12} {'win vs ' + ref:>10} {'95% CI':>15} {'accuracy':>9} "
+              f"{'follows':>8} {'follows':>11} {'halluc.':>8} {'toxic':>6} {'refuses':>8} "
+              f"{'gold':>6} {'pretrain':>9} {'demo':>7}")
+    sub = (f"{'':<12} {'':>10} {'(Wilson)':>15} {'':>9} {'':>8} {'constraints':>11} "
+           f"{'(unans.)':>8} {'':>6} {'(harmful)':>8} {'score':>6} {'loss':>9} {'loss':>7}")
     lines = [header, sub]
     models = {n: models[n] for n in s.get("order", list(models))}
     for name, m in models.items():
         w, r = m["win_rate"], m["rates"]
         ci = f"[{w['ci'][0]:.3f}, {w['ci'][1]:.3f}]" if name != ref else "(reference)"
         lines.append(
-            f"{name:<10} {w['win_rate']:>10.3f} {ci:>15} {_pct(r['accuracy']):>9} "
-            f"{_pct(r['instruction_following']):>8} {_pct(r['hallucination']):>8} "
+            f"{name:<12} {w['win_rate']:>10.3f} {ci:>15} {_pct(r['accuracy']):>9} "
+            f"{_pct(r['instruction_following']):>8} {_pct(r['constraint_following']):>11} "
+            f"{_pct(r['hallucination']):>8} "
             f"{_pct(r['toxic']):>6} {_pct(r['harmful_refusal']):>8} "
             f"{r['mean_gold_score']:>6.3f} {m['pretrain_loss']:>9.4f} {m['demo_loss']:>7.4f}")
     any_rates = next(iter(models.values()))["rates"]
@@ -209,7 +212,11 @@ def format_table(results: dict, num_samples: int = 6) -> str:
     ]
     for name, m in models.items():
         w = m["win_rate"]
-        lines.append(f"  {name}: {w['wins']} wins, {w['ties']} ties, {w['losses']} losses")
+        split = "; ".join(f"{part} prompts {v['win_rate']:.3f} [{v['ci'][0]:.3f}, "
+                          f"{v['ci'][1]:.3f}] (n={v['n']})"
+                          for part, v in m["win_rate_by_constraint"].items() if v["n"])
+        lines.append(f"  {name}: {w['wins']} wins, {w['ties']} ties, {w['losses']} losses; "
+                     f"{split}")
         if "few_shot" in m:
             f = m["few_shot"]
             lines.append(f"  {name}: prompted few-shot with {f['demonstrations']} of "
@@ -224,7 +231,7 @@ def format_table(results: dict, num_samples: int = 6) -> str:
     for sample in rows:
         lines += ["", f"[{sample.get('kind')}/{sample.get('style')}] prompt: "
                       f"{sample['prompt']!r}  (answer {sample.get('answer')!r})"]
-        lines += [f"  {n:<10} {text!r}" for n, text in sample["responses"].items()]
+        lines += [f"  {n:<12} {text!r}" for n, text in sample["responses"].items()]
     return "\n".join(lines)
 
 

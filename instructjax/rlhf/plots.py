@@ -29,6 +29,7 @@ from instructjax.data.jsonl import atomic_output  # noqa: E402
 KL, SCORE, GOLD = "train/rollout/kl", "train/rollout/score", "train/rollout/gold_score"
 BARS = (("win rate", None), ("accuracy", "accuracy"),
         ("follows\ninstructions", "instruction_following"),
+        ("follows\nconstraints", "constraint_following"),
         ("hallucination\n(unanswerable)", "hallucination"), ("toxic", "toxic"),
         ("refuses\n(harmful)", "harmful_refusal"))
 

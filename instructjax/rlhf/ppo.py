@@ -4,7 +4,7 @@ One iteration = ONE jitted function (explicit shardings, donated state):
 
   1. rollout: sample a response to each left-padded prompt at the sampling temperature;
      recompute log-probs (policy and reference, tempered), values (value model) and the RM
-     score at the last real token (rollout.py);
+     score, read as the RM was trained (its last real token, or 'pooled'; rollout.py);
   2. rewards: -beta * (log pi - log pi_ref) per token + the score at the last token (a fixed
      penalty score when no EOS was produced); GAE(gamma, lam); advantages whitened;
   3. update: `ppo_epochs` epochs, each a fresh permutation of the rollout rows split into

@@ -37,15 +37,26 @@ def load_value_model(workdir: str | Path, mesh: Mesh):
     return model, ckpt_lib.restore_params(workdir, abstract, field="value_params")
 
 
+def rollout_models(policy: Transformer, value: Transformer, reward_from: str | Path
+                   ) -> rollout_lib.RolloutModels:
+    """The rollout's models: the value model's module also runs the frozen reward model,
+    whose score is read as it was trained (the read recorded in `reward_from`); the value
+    model itself stays per-token."""
+    from instructjax.train.run import load_reward_read
+    return rollout_lib.RolloutModels(policy=policy, value=value, reward=value,
+                                     reward_read=load_reward_read(reward_from))
+
+
 def _copy_run_files(cfg: PPOConfig, policy_cfg: ModelConfig, value_cfg: ModelConfig,
-                    argv: list[str]) -> None:
+                    argv: list[str], reward_read: str) -> None:
     from instructjax.train.run import MODEL_CONFIG_FILE, TOKENIZER_FILE, library_versions
     workdir = Path(cfg.workdir)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(cfg.policy_from) / TOKENIZER_FILE, workdir / TOKENIZER_FILE)
     ckpt_lib.write_json_atomic(workdir / "run_config.json", {
-        "config": dataclasses.asdict(cfg), "argv": list(argv), "versions": library_versions(),
+        "config": dataclasses.asdict(cfg), "reward_read": reward_read, "argv": list(argv),
+        "versions": library_versions(),
         "devices": [str(d) for d in jax.devices()[:8]], "device_count": jax.device_count(),
         "process_count": jax.process_count()})
     ckpt_lib.write_json_atomic(workdir / MODEL_CONFIG_FILE, dataclasses.asdict(policy_cfg))
@@ -163,13 +174,13 @@ def train_ppo(cfg: PPOConfig, argv: list[str] = ()) -> dict[str, float]:
     tokenizer = Tokenizer.load(Path(cfg.policy_from) / TOKENIZER_FILE)
     _check_sizes(cfg, mesh, policy_cfg, value_cfg, tokenizer)
     inputs = rollout_lib.make_inputs(cfg, tokenizer)
-    _copy_run_files(cfg, policy_cfg, value_cfg, list(argv))
 
     policy = Transformer(rl_model_config(policy_cfg, compute_dtype=cfg.compute_dtype,
                                          remat=cfg.remat))
     value = Transformer(rl_model_config(value_cfg, compute_dtype=cfg.compute_dtype,
                                         remat=cfg.remat), head="scalar")
-    models = rollout_lib.RolloutModels(policy=policy, value=value, reward=value)
+    models = rollout_models(policy, value, cfg.reward_from)
+    _copy_run_files(cfg, policy_cfg, value_cfg, list(argv), models.reward_read)
     rollout_cfg = cfg.rollout_config(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     tx, schedule = make_optimizer(cfg)
     abstract, shardings = abstract_ppo_state(policy, value, tx, mesh, cfg.init_kl_coef)
@@ -179,8 +190,8 @@ def train_ppo(cfg: PPOConfig, argv: list[str] = ()) -> dict[str, float]:
     frozen_shardings = {"reference": shardings.params, "reward": shardings.value_params}
 
     def fresh_state():
-        logging.info("starting PPO from policy %s and reward model %s", cfg.policy_from,
-                     cfg.reward_from)
+        logging.info("starting PPO from policy %s and reward model %s (read: %s)",
+                     cfg.policy_from, cfg.reward_from, models.reward_read)
         return init_ppo_state(ckpt_lib.restore_params(cfg.policy_from, abstract.params),
                               ckpt_lib.restore_params(cfg.reward_from, abstract.value_params),
                               tx, shardings, mesh, cfg.init_kl_coef)

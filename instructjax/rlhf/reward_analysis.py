@@ -8,10 +8,13 @@ Two measurements, both on held-out prompts and held-out labelers:
              three judges that know more or less than it could: the gold score, the gold
              score without the answers (`gold_score(knows_answer=False)`: form, honesty,
              harmlessness) and correctness alone (then form).
+             The same pairs grouped by the first gold term on which the two responses
+             differ (gold.deciding_term): which preferences are visible without the answer.
   best_of_n  the policy's win rate against its own evaluation samples when it draws n
              responses per prompt and keeps the one the reward model (or the likelihood,
-             or the gold score) likes best: what the reward model can buy without any
-             training, and what a perfect one could.
+             the gold score, or the answer-blind gold score) likes best: what the reward
+             model can buy without any training, and what a perfect or an answer-blind
+             judge could.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from instructjax import parallel
+from instructjax import parallel, rl_ops
 from instructjax.data.comparisons import ranks, read_comparisons
 from instructjax.data.jsonl import read_jsonl
 from instructjax.data.world import gold, labelers as labelers_lib
@@ -35,7 +38,7 @@ from instructjax.rlhf import eval_metrics
 from instructjax.rlhf.evaluate import labeler_noise
 from instructjax.rlhf.generate import generate
 from instructjax.sampling import SamplingConfig
-from instructjax.train.run import load_trained
+from instructjax.train.run import load_reward_read, load_trained
 
 Judge = Callable[[dict, str], float]
 JUDGES: dict[str, Judge] = {
@@ -90,13 +93,21 @@ def _forward(model_params_tok, prompts: Sequence[str], responses: Sequence[str],
 
 
 def reward_scores(reward, prompts: Sequence[str], responses: Sequence[str], *, mesh,
-                  seq_len: int) -> list[float]:
-    """The reward model's score of each prompt + response, read where training reads it: at
-    the last real token of prompt + response + EOS.
-    reward = (model with the scalar head, params, tokenizer)."""
+                  seq_len: int, read: str = "eos") -> list[float]:
+    """The reward model's score of each prompt + response, read as training reads it
+    (rl_ops.read_reward) from the rows prompt + response + EOS: 'eos' = at the last real
+    token, 'pooled' = also averaged over the response and EOS (a prompt cut at seq_len
+    leaves the last token as the response). reward = (model with the scalar head, params,
+    tokenizer); `read` as recorded in its workdir (train.run.load_reward_read)."""
     rows = _forward(reward, prompts, responses, mesh=mesh, seq_len=seq_len,
                     per_token=_scalar_values)
-    return [float(v[n - 1]) for _, n, v in rows]
+    if not rows:
+        return []
+    values_BxT = np.stack([v for _, _, v in rows])
+    t_T = np.arange(values_BxT.shape[1])
+    real_BxT = np.stack([t_T < n for _, n, _ in rows])
+    response_BxT = np.stack([(t_T >= min(p, n - 1)) & (t_T < n) for p, n, _ in rows])
+    return np.asarray(rl_ops.read_reward(values_BxT, real_BxT, response_BxT, read)).tolist()
 
 
 def policy_log_likelihoods(policy, prompts: Sequence[str], responses: Sequence[str], *, mesh,
@@ -108,11 +119,22 @@ def policy_log_likelihoods(policy, prompts: Sequence[str], responses: Sequence[s
     return [float(np.sum(v[prompt_len - 1:n - 1])) for prompt_len, n, v in rows]
 
 
+def by_kind(task: dict, response_a: str, response_b: str) -> tuple[str, ...]:
+    return task["kind"], "all"
+
+
+def by_deciding_term(task: dict, response_a: str, response_b: str) -> tuple[str, ...]:
+    return gold.deciding_term(task, response_a, response_b), "all"
+
+
 def pair_accuracies(tasks: Sequence[dict], records: Sequence[dict],
-                    scores: Mapping[str, Sequence[Sequence[float]]]) -> dict[str, dict]:
-    """{kind (and 'all'): {'pairs': n, name: accuracy}}: how often each scorer (name ->
-    per record, per response scores) orders a pair of distinct responses as the record's
-    ranking does; equal scores count half."""
+                    scores: Mapping[str, Sequence[Sequence[float]]],
+                    groups: Callable[[dict, str, str], Sequence[str]] = by_kind
+                    ) -> dict[str, dict]:
+    """{group: {'pairs': n, name: accuracy}}: how often each scorer (name -> per record,
+    per response scores) orders a pair of distinct responses as the record's ranking does;
+    equal scores count half. `groups(task, a, b)` names the groups a pair counts in: its
+    task kind and 'all' (by_kind), or the gold term that decides it (by_deciding_term)."""
     hits: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for r, (task, record) in enumerate(zip(tasks, records, strict=True)):
         place = ranks(record["ranking"])
@@ -121,7 +143,7 @@ def pair_accuracies(tasks: Sequence[dict], records: Sequence[dict],
             if responses[a] == responses[b]:
                 continue
             better, worse = (a, b) if place[a] < place[b] else (b, a)
-            for kind in (task["kind"], "all"):
+            for kind in groups(task, responses[a], responses[b]):
                 hits[kind]["pairs"] += 1
                 for name, s in scores.items():
                     diff = s[r][better] - s[r][worse]
@@ -206,7 +228,8 @@ def analyse(*, data_dir: str | Path, policy_dir: str | Path, reward_dir: str | P
     offsets = np.cumsum([0, *sizes])
     pair_prompts = [t["prompt"] for t, k in zip(record_tasks, sizes) for _ in range(k)]
     pair_responses = [x for r in records for x in r["responses"]]
-    learnt = {"reward_model": (reward_scores, reward),
+    read = functools.partial(reward_scores, read=load_reward_read(reward_dir))
+    learnt = {"reward_model": (read, reward),
               "policy_loglik": (policy_log_likelihoods, policy)}
     scores = {}
     for name, (scorer, model) in learnt.items():
@@ -222,12 +245,14 @@ def analyse(*, data_dir: str | Path, policy_dir: str | Path, reward_dir: str | P
     pickers = {name: np.reshape(scorer(model, prompts * best_of, sum(candidates, []),
                                        mesh=mesh, seq_len=seq_len), (best_of, len(prompts)))
                for name, (scorer, model) in learnt.items()}
-    pickers["gold"] = np.array([[gold.gold_score(t, r) for t, r in zip(tasks, c)]
-                                 for c in candidates])
+    for name in ("gold", "no_answers"):  # a perfect judge, and one blind to the answers
+        pickers[name] = np.array([[JUDGES[name](t, r) for t, r in zip(tasks, c)]
+                                  for c in candidates])
     noise_scale, label_seed, _ = labeler_noise(data_dir)
     pool = labelers_lib.heldout_labelers(seed=label_seed, noise_scale=noise_scale)
     ns = sorted({n for n in (1, 2, 4, 8, 16, 32) if n < best_of} | {best_of})
     return {"pairs": pair_accuracies(record_tasks, records, scores),
+            "decided_by": pair_accuracies(record_tasks, records, scores, by_deciding_term),
             "labeler_agreement": stats["eval"]["labeler_agreement"],
             "best_of_n": best_of_n(tasks, candidates, reference, pickers, pool, ns=ns,
                                    seed=seed),
@@ -245,6 +270,18 @@ def format_report(result: dict) -> str:
     for kind, row in pairs.items():
         lines.append(f"{kind:16s} {row['pairs']:6d} "
                      + " ".join(f"{row[n]:12.3f}" for n in names))
+    decided = result["decided_by"]
+    total = decided["all"]["pairs"]
+    blind = sum(row["pairs"] for term, row in decided.items()
+                if term not in ("all", "tie", *gold.ANSWER_TERMS))
+    lines += ["", f"The same pairs by the first gold term on which the two responses differ "
+              f"(share of pairs; answer-blind terms decide {blind / total:.1%})",
+              f"{'decided by':16s} {'share':>6s} " + " ".join(f"{n:>12s}" for n in names)]
+    for term in (*gold.TERMS, "tie", "all"):
+        if term in decided:
+            row = decided[term]
+            lines.append(f"{term:16s} {row['pairs'] / total:6.1%} "
+                         + " ".join(f"{row[n]:12.3f}" for n in names))
     bon = result["best_of_n"]
     ns = list(next(iter(bon.values())))
     lines += ["", f"Best of n {result['policy']} samples (T={result['temperature']}) against "

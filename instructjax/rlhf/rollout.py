@@ -18,8 +18,10 @@ Models (all deterministic: dropout is off in RL):
   policy    head='lm'      trainable, starts as the SFT model
   value     head='scalar'  trainable, starts as the reward model (incl. its scalar head)
   reference head='lm'      frozen SFT params (KL penalty)
-  reward    head='scalar'  frozen RM; the score is its output at the last real token of
-                           prompt + response (EOS included when produced)
+  reward    head='scalar'  frozen RM; the score is read from its per-token outputs as it
+                           was trained (rl_ops.read_reward: 'eos' = at the last real token
+                           of prompt + response, the EOS when produced; 'pooled' also
+                           averages over the response's tokens)
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from instructjax import rl_ops
+from instructjax.config import REWARD_READS
 from instructjax.data import builders, pipeline, shards
 from instructjax.data.jsonl import DataError
 from instructjax.data.tokenizer import Tokenizer
@@ -75,17 +78,22 @@ class RolloutConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RolloutModels:
-    """The four models' modules. `score_fn` replaces the reward model's last-token score
-    (toy rewards in tests, programmatic rewards); None means `reward_model_score`."""
+    """The four models' modules. `score_fn` replaces the reward model's score (toy rewards
+    in tests, programmatic rewards); None means `reward_model_score`, read as `reward_read`
+    (the read the reward model was trained with: train.run.load_reward_read)."""
     policy: Transformer
     value: Transformer
     reward: Transformer
     score_fn: ScoreFn | None = None
+    reward_read: str = "eos"
 
     def __post_init__(self):
         if self.policy.head != "lm" or self.value.head != "scalar" or self.reward.head != "scalar":
             raise ValueError("RolloutModels: the policy needs head='lm', the value and reward "
                              "models head='scalar'")
+        if self.reward_read not in REWARD_READS:
+            raise ValueError(f"reward_read must be one of {REWARD_READS}, got "
+                             f"{self.reward_read!r}")
 
     def score(self, reward_params, tokens_BxT, positions_BxT, segment_ids_BxT,
               response_mask_BxT) -> jax.Array:
@@ -93,15 +101,19 @@ class RolloutModels:
             return self.score_fn(reward_params, tokens_BxT, positions_BxT, segment_ids_BxT,
                                  response_mask_BxT)
         return reward_model_score(make_apply(self.reward), reward_params, tokens_BxT,
-                                  positions_BxT, segment_ids_BxT)
+                                  positions_BxT, segment_ids_BxT, response_mask_BxT,
+                                  read=self.reward_read)
 
 
-def reward_model_score(apply_rm, reward_params, tokens_BxT, positions_BxT, segment_ids_BxT
-                       ) -> jax.Array:
-    """score_B = RM output at the last real token (segment != 0) of each row: the EOS when
-    the response ended, else its last sampled token. Works under left and right padding."""
+def reward_model_score(apply_rm, reward_params, tokens_BxT, positions_BxT, segment_ids_BxT,
+                       response_mask_BxT=None, *, read: str = "eos") -> jax.Array:
+    """score_B = rl_ops.read_reward of the RM's outputs: 'eos' = at the last real token
+    (segment != 0) of each row, the EOS when the response ended, else its last sampled
+    token; 'pooled' also averages over response_mask_BxT (1 on the response's tokens, EOS
+    included). Works under left and right padding."""
     values_BxT = apply_rm(reward_params, tokens_BxT, positions_BxT, segment_ids_BxT, None)
-    return rl_ops.last_token_values(values_BxT.astype(jnp.float32), segment_ids_BxT != 0)
+    return rl_ops.read_reward(values_BxT.astype(jnp.float32), segment_ids_BxT != 0,
+                              response_mask_BxT, read)
 
 
 def assemble(prompt_BxP, prompt_mask_BxP, response_BxN, response_mask_BxN):

@@ -36,6 +36,7 @@ LIBRARIES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-d
              "grain", "sentencepiece", "absl-py", "numpy")
 TOKENIZER_FILE = "tokenizer.model"
 MODEL_CONFIG_FILE = "model_config.json"
+REWARD_CONFIG_FILE = "reward_config.json"  # a reward model's {"read": rl_ops.read_reward mode}
 
 
 def library_versions() -> dict[str, str]:
@@ -56,6 +57,24 @@ def write_run_record(cfg: RunConfig, argv: list[str]) -> None:
         "devices": [str(d) for d in jax.devices()[:8]], "device_count": jax.device_count(),
         "process_count": jax.process_count()})
     ckpt_lib.write_json_atomic(workdir / MODEL_CONFIG_FILE, dataclasses.asdict(cfg.model))
+    if cfg.task == "reward":
+        ckpt_lib.write_json_atomic(workdir / REWARD_CONFIG_FILE, {"read": cfg.rm_read})
+
+
+def load_reward_read(workdir: str | Path) -> str:
+    """How the reward model in `workdir` was trained to be read ('eos' or 'pooled', see
+    rl_ops.read_reward), so PPO and the analysis read it the same way. Workdirs written
+    before the read was recorded (no reward_config.json) were trained with 'eos'."""
+    path = Path(workdir) / REWARD_CONFIG_FILE
+    return json.loads(path.read_text())["read"] if path.exists() else "eos"
+
+
+def _check_reward_read(cfg: RunConfig) -> None:
+    """A reward run resumed with another --rm_read would mix two objectives in one model."""
+    recorded = Path(cfg.workdir) / REWARD_CONFIG_FILE
+    if recorded.exists() and load_reward_read(cfg.workdir) != cfg.rm_read:
+        raise ConfigError(f"--rm_read={cfg.rm_read}, but {cfg.workdir} was trained with "
+                          f"--rm_read={load_reward_read(cfg.workdir)}; use that or a new --workdir")
 
 
 def world_files(data: DataConfig) -> dict[str, Path]:
@@ -141,6 +160,8 @@ NORMALISE_BATCHES = 16
 def _normalise_reward(state, evaluate, sft_outputs, checkpointer, data_iter):
     """Sets the scalar head's bias so the SFT policy's outputs (the responses of the
     training comparisons) score 0 on average, and saves that as the final checkpoint.
+    Exact for every read (rl_ops.read_reward): each is affine in the per-token values with
+    weights summing to 1, and the bias adds to every value, so it adds to every reward.
     Idempotent: a rerun after a crash recomputes the same bias from the trained params."""
     params = state.params
     head = params[SCALAR_HEAD]
@@ -226,13 +247,18 @@ def train_lm(cfg: RunConfig, argv: list[str] = ()) -> dict[str, float]:
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                          f"vocab_size is {cfg.model.vocab_size}; raise --vocab_size")
+    reward = cfg.task == "reward"
+    if reward:
+        _check_reward_read(cfg)
     write_run_record(cfg, list(argv))
 
-    reward = cfg.task == "reward"
     model = Transformer(cfg.model, head="scalar" if reward else "lm")
     apply = make_apply(model)
-    objective = (Objective(reward_ranking_loss, RankingLossConfig(center_coef=cfg.rm_center_coef))
-                 if reward else Objective(lm_loss, LMLossConfig()))
+    if reward:
+        objective = Objective(reward_ranking_loss, RankingLossConfig(
+            center_coef=cfg.rm_center_coef, read=cfg.rm_read))
+    else:
+        objective = Objective(lm_loss, LMLossConfig())
     schedule = state_lib.make_schedule(cfg.optim, cfg.train.steps)
     tx = state_lib.make_optimizer(cfg.optim, cfg.train.steps)
     abstract, shardings = state_lib.abstract_state(model, tx, mesh, cfg.train.seq_len)

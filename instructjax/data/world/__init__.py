@@ -2,9 +2,13 @@
 
 write_world() writes, atomically and only when missing or made with other settings:
   pretrain_train.jsonl / pretrain_eval.jsonl   {"text"}
-  sft_train.jsonl / sft_eval.jsonl             {"id","prompt","response","kind","style","answer","accept",...}
+  sft_train.jsonl / sft_eval.jsonl             {"id","prompt","response","kind","style","answer","accept",
+                                                "constraint","demonstrator",...}
+  sft_train_diligent.jsonl                     sft_train's demonstrations by the diligent demonstrators
   prompts_train.jsonl / prompts_eval.jsonl     the same without "response" (for RM / PPO / evaluation)
-All prompt sets are pairwise disjoint.
+All prompt sets are pairwise disjoint. A share of the prompts (CONSTRAINT_RATE, by style)
+carries an explicit constraint on the answer's form (constraints.py); demonstrations are
+written by demonstrators of mixed diligence (demonstrators.py), who obey it only sometimes.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import re
 from pathlib import Path
 
 from instructjax.data.jsonl import write_jsonl_atomic
-from instructjax.data.world import corpus
+from instructjax.data.world import constraints, corpus, demonstrators
 from instructjax.data.world.corpus import make_corpus, stdlib_texts
 from instructjax.data.world.facts import (COLOURS, COUNTRIES, FOODS, TOXIC_WORDS, WORDS,
                                           make_name, make_towns, unknown_names)
@@ -27,7 +31,10 @@ from instructjax.data.world.tasks import IDK, KINDS, QUESTIONS, REFUSAL, STYLES,
 
 __all__ = ["write_world", "make_tasks", "judge", "gold_score", "normalise", "is_refusal",
            "is_toxic", "KINDS", "STYLES", "REFUSAL", "IDK"]
-FILES = ("pretrain_train", "pretrain_eval", "sft_train", "sft_eval", "prompts_train", "prompts_eval")
+FILES = ("pretrain_train", "pretrain_eval", "sft_train", "sft_eval", "sft_train_diligent",
+         "prompts_train", "prompts_eval")
+# The share of prompts of each style that carry an explicit constraint.
+CONSTRAINT_RATE = {"instruction": 0.9, "few_shot": 0.9, "continuation": 0.6}
 
 
 @functools.cache
@@ -61,6 +68,7 @@ class World:
 def make_tasks(world: World, n: int, split: str, exclude: set[str]) -> list[dict]:
     """n tasks cycling over kind x style, with prompts not in `exclude` (which grows)."""
     rng = random.Random(f"tasks-{world.seed}-{split}")
+    draw_constraint = random.Random(f"constraints-{world.seed}-{split}")
     tasks = []
     combos = [(k, s) for k in KINDS for s in STYLES]
     attempts = 0
@@ -69,8 +77,10 @@ def make_tasks(world: World, n: int, split: str, exclude: set[str]) -> list[dict
         if attempts > 50 * n + 1000:
             raise RuntimeError(f"could not draw {n} distinct {split} prompts; ask for fewer")
         kind, style = combos[len(tasks) % len(combos)]
+        constraint = (draw_constraint.choice(constraints.NAMES)
+                      if draw_constraint.random() < CONSTRAINT_RATE[style] else "")
         task = make_task(rng, kind, style, towns=world.towns, unknown=world.unknown,
-                         people=world.people, words=world.words)
+                         people=world.people, words=world.words, constraint=constraint)
         if task["prompt"] in exclude:
             continue
         exclude.add(task["prompt"])
@@ -80,12 +90,12 @@ def make_tasks(world: World, n: int, split: str, exclude: set[str]) -> list[dict
 
 
 def write_world(out_dir: str | Path, *, seed: int = 0, n_pretrain_docs: int = 4000,
-                n_sft_train: int = 4000, n_sft_eval: int = 300, n_prompts: int = 2000
+                n_sft_train: int = 4000, n_sft_eval: int = 600, n_prompts: int = 2000
                 ) -> dict[str, Path]:
     out_dir = Path(out_dir)
     paths = {name: out_dir / f"{name}.jsonl" for name in FILES}
     settings = dict(seed=seed, n_pretrain_docs=n_pretrain_docs, n_sft_train=n_sft_train,
-                    n_sft_eval=n_sft_eval, n_prompts=n_prompts, version=2)
+                    n_sft_eval=n_sft_eval, n_prompts=n_prompts, version=3)
     manifest = out_dir / "world.json"
     if manifest.exists() and all(p.exists() for p in paths.values()):
         if json.loads(manifest.read_text()) == settings:
@@ -97,8 +107,14 @@ def write_world(out_dir: str | Path, *, seed: int = 0, n_pretrain_docs: int = 40
     write_jsonl_atomic(paths["pretrain_eval"], ({"text": t} for t in make_corpus(
         seed, n_eval_docs, "eval", towns=world.towns, people=world.people)))
     seen: set[str] = set()
+    pool = demonstrators.make_demonstrators(seed)
     for name, n in (("sft_train", n_sft_train), ("sft_eval", n_sft_eval)):
-        write_jsonl_atomic(paths[name], make_tasks(world, n, name, seen))
+        demos = demonstrators.demonstrate(make_tasks(world, n, name, seen), pool, seed=seed,
+                                          split=name)
+        write_jsonl_atomic(paths[name], demos)
+        if name == "sft_train":
+            write_jsonl_atomic(paths["sft_train_diligent"], (
+                d for d in demos if d["diligence"] >= demonstrators.DILIGENT_MIN))
     for name, n in (("prompts_train", n_prompts), ("prompts_eval", n_sft_eval)):
         tasks = make_tasks(world, n, name, seen)
         write_jsonl_atomic(paths[name], ({k: v for k, v in t.items() if k != "response"}

@@ -20,13 +20,14 @@ Calibration: NOISE_SCALE was chosen by `calibrate_noise` (bisection on the scale
 two different training labelers order the same way 73% of the response pairs of
 `perturbed_responses` sets (K = 4..9, resembling model samples: the gold answer and
 reformatted versions of it, near misses, rambling extra lines, refusals, "I don't know",
-made-up answers, compliance with harmful requests, toxic text, garbage and empty text) on
+made-up answers, compliance with harmful requests, toxic text, garbage and empty text;
+half of them obeying the prompt's explicit constraint where it has one) on
 1,200 world tasks (`make_tasks(World(0), 1200, "calibration", set())`): InstructGPT reports
 72.6 +- 1.5% inter-annotator agreement. Measured (response sets drawn with random.Random(0),
-K = 4..9, 22,798 response pairs): NOISE_SCALE = 0.3629 gives a mean agreement of 0.730 over
-the 28 pairs of 8 training labelers; held-out vs training labelers 0.729; a labeler orders
-pairs with different gold scores as gold does 0.84 of the time. About 15% of the pairs tie
-in gold score (e.g. two equally wrong, equally fluent answers); those the noise and the
+K = 4..9, 23,196 distinct response pairs): NOISE_SCALE = 0.4469 gives a mean agreement of
+0.730 over the 28 pairs of 8 training labelers; held-out vs training labelers 0.734; a
+labeler orders pairs with different gold scores as gold does 0.86 of the time. About 12% of
+the distinct pairs tie in gold score (e.g. two equally wrong, equally fluent answers); those the noise and the
 tastes decide. Agreement depends on the mix of responses (sets with more near-identical
 answers agree less): to calibrate on real model samples instead, run `calibrate_noise` on
 them and pass its scale as `noise_scale` (experiments.comparisons does).
@@ -44,6 +45,7 @@ import random
 import re
 from collections.abc import Sequence
 
+from instructjax.data.world import constraints
 from instructjax.data.world.facts import COUNTRIES, TOXIC_WORDS, WORDS
 from instructjax.data.world.gold import gold_score, is_refusal, normalise, says_idk
 from instructjax.data.world.tasks import IDK, KINDS, REFUSAL
@@ -53,7 +55,7 @@ __all__ = ["Labeler", "NOISE_SCALE", "training_labelers", "heldout_labelers", "l
            "label_comparisons", "mean_pool_agreement", "calibrate_noise"]
 
 # Gumbel scale in gold-score units; see the module docstring for how it was calibrated.
-NOISE_SCALE = 0.3629
+NOISE_SCALE = 0.4469
 BIAS_SCALE = 0.08  # std of a labeler's taste weights
 FEATURES = ("length", "refusal", "idk", "period", "extra_lines")
 
@@ -209,10 +211,12 @@ def gold_response(task: dict) -> str:
         return task["response"]
     answer = task["answer"]
     if task["style"] == "instruction":
-        return answer
-    if task["style"] == "continuation" and task["kind"] not in ("qa_unanswerable", "harmful"):
-        return f" {answer}."
-    return f" {answer}"
+        response = answer
+    elif task["style"] == "continuation" and task["kind"] not in ("qa_unanswerable", "harmful"):
+        response = f" {answer}."
+    else:
+        response = f" {answer}"
+    return constraints.wrap(task["constraint"], response) if task.get("constraint") else response
 
 
 def _garbage(rng: random.Random) -> str:
@@ -279,10 +283,16 @@ def _one_response(task: dict, rng: random.Random) -> str:
 
 
 def perturbed_responses(task: dict, rng: random.Random, k: int) -> list[str]:
-    """k distinct responses resembling samples of a small instruction-tuned model."""
+    """k distinct responses resembling samples of a small instruction-tuned model; on a
+    prompt with an explicit constraint, half of them obey it."""
     out: list[str] = []
     for _ in range(50 * k):
         response = _one_response(task, rng)
+        if task.get("constraint"):
+            name = task["constraint"]
+            response = constraints.unwrap(name, response)
+            if response.strip() and rng.random() < 0.5:
+                response = constraints.wrap(name, response)
         if response not in out:
             out.append(response)
         if len(out) == k:

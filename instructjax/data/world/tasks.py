@@ -4,7 +4,9 @@ demonstration.
 Styles: `instruction` (a direct instruction, answered on the next line), `few_shot` (solved
 examples, then the query), `continuation` (an implicit prompt the answer continues).
 Kinds: list, string, arith, qa, qa_unanswerable, harmful. Every task records `accept`, the
-normalised answers the gold judge counts as correct.
+normalised answers the gold judge counts as correct, and `constraint`: the name of the
+explicit constraint on the answer's form that its prompt carries (constraints.py), or "".
+The response is the gold policy's, which obeys the constraint.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from instructjax.data.world import constraints
 from instructjax.data.world.facts import TOXIC_WORDS, WORDS, Town
 
 STYLES = ("instruction", "few_shot", "continuation")
@@ -172,7 +175,8 @@ def _harmful_task(rng, style, towns: list[Town], people: list[str]):
 
 
 def make_task(rng: random.Random, kind: str, style: str, *, towns: list[Town],
-              unknown: list[str], people: list[str], words: list[str]) -> dict:
+              unknown: list[str], people: list[str], words: list[str],
+              constraint: str = "") -> dict:
     if kind == "list":
         task = _list_task(rng, style)
     elif kind == "string":
@@ -187,4 +191,7 @@ def make_task(rng: random.Random, kind: str, style: str, *, towns: list[Town],
         task = _harmful_task(rng, style, towns, people)
     else:
         raise ValueError(f"unknown task kind {kind!r}; kinds are {KINDS}")
-    return dict(kind=kind, style=style, **task)
+    if constraint:
+        task["prompt"] = constraints.add_to_prompt(constraint, task["prompt"], style)
+        task["response"] = constraints.wrap(constraint, task["response"])
+    return dict(kind=kind, style=style, constraint=constraint, **task)
