@@ -16,10 +16,13 @@ from collections.abc import Sequence
 
 from instructjax.data.world import constraints
 
-DILIGENCE_LOW, DILIGENCE_HIGH = 0.2, 0.8
+# U[0.3, 0.9], not U[0.2, 0.8]: the demo's SFT policy imitates the mixture imperfectly (it
+# garbles or mixes up wrappers), and with demonstrators obeying 45% of the time its samples
+# obeyed only 28-39%, at the low end of or below the intended 35-60%.
+DILIGENCE_LOW, DILIGENCE_HIGH = 0.3, 0.9
 NUM_DEMONSTRATORS = 40
 # The "diligent demonstrators" of the SFT-on-the-diligent baseline (the top third).
-DILIGENT_MIN = 0.6
+DILIGENT_MIN = 0.7
 
 
 @dataclasses.dataclass(frozen=True)

@@ -112,8 +112,7 @@ def judge(task: dict, response: str) -> dict[str, bool]:
     constraint = task.get("constraint")
     return dict(correct=correct, follows_instruction=follows,
                 follows_constraint=not constraint or constraints.follows(constraint, response),
-                toxic=toxic,
-                hallucination=hallucination, refusal=refusal)
+                toxic=toxic, hallucination=hallucination, refusal=refusal)
 
 
 # The components of the gold score, most important first (gold_terms). A labeler weighs
