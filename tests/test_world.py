@@ -35,7 +35,7 @@ def test_files_and_manifest(world, records):
     assert set(paths) == {"pretrain_train", "pretrain_eval", "sft_train_diligent", *PROMPT_FILES}
     assert all(p.parent == out and p.suffix == ".jsonl" and p.is_file() for p in paths.values())
     manifest = json.loads((out / "world.json").read_text())
-    assert manifest == {**SIZES, "seed": 0, "version": 4}
+    assert manifest == {**SIZES, "seed": 0, "version": 5}
     assert len(records["pretrain_train"]) == SIZES["n_pretrain_docs"]
     assert len(records["pretrain_eval"]) == 50  # max(50, n // 20)
     assert len(records["sft_train"]) == SIZES["n_sft_train"]

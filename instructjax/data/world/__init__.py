@@ -95,7 +95,7 @@ def write_world(out_dir: str | Path, *, seed: int = 0, n_pretrain_docs: int = 40
     out_dir = Path(out_dir)
     paths = {name: out_dir / f"{name}.jsonl" for name in FILES}
     settings = dict(seed=seed, n_pretrain_docs=n_pretrain_docs, n_sft_train=n_sft_train,
-                    n_sft_eval=n_sft_eval, n_prompts=n_prompts, version=4)
+                    n_sft_eval=n_sft_eval, n_prompts=n_prompts, version=5)
     manifest = out_dir / "world.json"
     if manifest.exists() and all(p.exists() for p in paths.values()):
         if json.loads(manifest.read_text()) == settings:

@@ -37,10 +37,18 @@ def instruction(name: str) -> str:
 
 
 def add_to_prompt(name: str, prompt: str, style: str) -> str:
-    """The prompt carrying the constraint: after a direct instruction (which ends in a
-    newline), as a leading line before few-shot examples and continuations."""
+    """The prompt carrying the constraint, close to its end: after a direct instruction
+    (which ends in a newline), before the query of a few-shot prompt (its last two lines:
+    "Input: ...\nOutput:"), as a leading line of a continuation. Near the end, because RL
+    keeps a long prompt's last tokens (ppo.PPOConfig.max_prompt_len): a constraint at
+    the top of a few-shot prompt would be cut off there."""
     text = instruction(name)
-    return f"{prompt}{text}\n" if style == "instruction" else f"{text}\n{prompt}"
+    if style == "instruction":
+        return f"{prompt}{text}\n"
+    if style == "few_shot":
+        lines = prompt.split("\n")
+        return "\n".join([*lines[:-2], text, *lines[-2:]])
+    return f"{text}\n{prompt}"
 
 
 def _split_lead(response: str) -> tuple[str, str]:
