@@ -77,7 +77,8 @@ def test_demonstrator_pool_spans_the_diligence_range():
     assert all(demonstrators.DILIGENCE_LOW <= v <= demonstrators.DILIGENCE_HIGH for v in values)
     middle = (demonstrators.DILIGENCE_LOW + demonstrators.DILIGENCE_HIGH) / 2
     assert abs(sum(values) / len(values) - middle) < 0.1
-    assert pool == demonstrators.make_demonstrators(seed=0) != demonstrators.make_demonstrators(seed=1)
+    assert pool == demonstrators.make_demonstrators(seed=0)
+    assert pool != demonstrators.make_demonstrators(seed=1)
 
 
 def _task(kind="arith", constraint="brackets"):

@@ -2,9 +2,9 @@
 
 write_world() writes, atomically and only when missing or made with other settings:
   pretrain_train.jsonl / pretrain_eval.jsonl   {"text"}
-  sft_train.jsonl / sft_eval.jsonl             {"id","prompt","response","kind","style","answer","accept",
-                                                "constraint","demonstrator",...}
-  sft_train_diligent.jsonl                     sft_train's demonstrations by the diligent demonstrators
+  sft_train.jsonl / sft_eval.jsonl             {"id","prompt","response","kind","style","answer",
+                                                "accept","constraint","demonstrator",...}
+  sft_train_diligent.jsonl                     sft_train's records of the diligent demonstrators
   prompts_train.jsonl / prompts_eval.jsonl     the same without "response" (for RM / PPO / evaluation)
 All prompt sets are pairwise disjoint. A share of the prompts (CONSTRAINT_RATE, by style)
 carries an explicit constraint on the answer's form (constraints.py); demonstrations are

@@ -27,8 +27,8 @@ half of them obeying the prompt's explicit constraint where it has one) on
 K = 4..9, 23,196 distinct response pairs): NOISE_SCALE = 0.4469 gives a mean agreement of
 0.730 over the 28 pairs of 8 training labelers; held-out vs training labelers 0.734; a
 labeler orders pairs with different gold scores as gold does 0.86 of the time. About 12% of
-the distinct pairs tie in gold score (e.g. two equally wrong, equally fluent answers); those the noise and the
-tastes decide. Agreement depends on the mix of responses (sets with more near-identical
+the distinct pairs tie in gold score (e.g. two equally wrong, equally fluent answers);
+those the noise and the tastes decide. Agreement depends on the mix of responses (sets with more near-identical
 answers agree less): to calibrate on real model samples instead, run `calibrate_noise` on
 them and pass its scale as `noise_scale` (experiments.comparisons does).
 
