@@ -228,8 +228,8 @@ def analyse(*, data_dir: str | Path, policy_dir: str | Path, reward_dir: str | P
     offsets = np.cumsum([0, *sizes])
     pair_prompts = [t["prompt"] for t, k in zip(record_tasks, sizes) for _ in range(k)]
     pair_responses = [x for r in records for x in r["responses"]]
-    read = functools.partial(reward_scores, read=load_reward_read(reward_dir))
-    learnt = {"reward_model": (read, reward),
+    score_as_trained = functools.partial(reward_scores, read=load_reward_read(reward_dir))
+    learnt = {"reward_model": (score_as_trained, reward),
               "policy_loglik": (policy_log_likelihoods, policy)}
     scores = {}
     for name, (scorer, model) in learnt.items():

@@ -71,10 +71,12 @@ def load_reward_read(workdir: str | Path) -> str:
 
 def _check_reward_read(cfg: RunConfig) -> None:
     """A reward run resumed with another --rm_read would mix two objectives in one model."""
-    recorded = Path(cfg.workdir) / REWARD_CONFIG_FILE
-    if recorded.exists() and load_reward_read(cfg.workdir) != cfg.rm_read:
+    if not (Path(cfg.workdir) / REWARD_CONFIG_FILE).exists():
+        return
+    recorded = load_reward_read(cfg.workdir)
+    if recorded != cfg.rm_read:
         raise ConfigError(f"--rm_read={cfg.rm_read}, but {cfg.workdir} was trained with "
-                          f"--rm_read={load_reward_read(cfg.workdir)}; use that or a new --workdir")
+                          f"--rm_read={recorded}; use that or a new --workdir")
 
 
 def world_files(data: DataConfig) -> dict[str, Path]:
