@@ -5,6 +5,7 @@ Only experiments/ read absl flags; the library sees a frozen RunConfig.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -65,6 +66,9 @@ flags.DEFINE_integer("eval_every", 100, "Steps between evaluations.")
 flags.DEFINE_integer("eval_batches", 8, "Eval batches per evaluation; 0 = the whole eval split.")
 flags.DEFINE_integer("checkpoint_every", 100, "Steps between checkpoints.")
 flags.DEFINE_integer("keep_checkpoints", 2, "Checkpoints kept.")
+flags.DEFINE_bool("allow_config_change", False, "Resume a run with other optimiser or loop "
+                  "settings than it was started with (kept in the run record's history). "
+                  "Model and data changes are always refused.")
 flags.DEFINE_float("peak_flops_per_device", 0.0, "Peak FLOP/s of one device, for MFU; 0 = look up.")
 
 # Data.
@@ -75,7 +79,8 @@ flags.DEFINE_list("train_files", [], "Your own training JSONL, one or more files
 flags.DEFINE_list("eval_files", [], "Your own evaluation JSONL, one or more files (with "
                   "--train_files).")
 flags.DEFINE_string("tokenizer_path", "", "A sentencepiece .model to use instead of training one.")
-flags.DEFINE_integer("vocab_size", 2048, "Tokenizer (and model) vocabulary size.")
+flags.DEFINE_integer("vocab_size", 2048, "Tokenizer (and model) vocabulary size; default: "
+                     "the --model preset's.")
 flags.DEFINE_bool("whitespace_runs", True, "Add whitespace-run symbols to the tokenizer.")
 flags.DEFINE_integer("world_pretrain_docs", 4000, "Embedded world: pretraining documents.")
 flags.DEFINE_integer("world_sft_train", 4000, "Embedded world: SFT demonstrations.")
@@ -87,7 +92,7 @@ flags.DEFINE_integer("data_shards", 0, "Data shards, each read by one process (0
                      "of processes, and resume on any process count that divides it.")
 
 
-def _parse_override(text: str) -> tuple[str, object]:
+def parse_override(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep:
         raise flags.ValidationError(f"--model_override={text!r}: expected key=value")
@@ -115,8 +120,9 @@ def setup_devices() -> None:
 
 def model_config_from_flags(preset_name: str = "") -> model_config.ModelConfig:
     """--model (or `preset_name`, for sweeps over sizes) with the model flags applied."""
-    overrides = dict(_parse_override(o) for o in FLAGS.model_override)
-    overrides.setdefault("vocab_size", FLAGS.vocab_size)
+    overrides = dict(parse_override(o) for o in FLAGS.model_override)
+    if FLAGS["vocab_size"].present:  # else the preset's own vocabulary
+        overrides.setdefault("vocab_size", FLAGS.vocab_size)
     overrides.setdefault("compute_dtype", FLAGS.compute_dtype)
     overrides.setdefault("remat", FLAGS.remat)
     overrides.setdefault("dropout_rate", FLAGS.dropout_rate)
@@ -126,9 +132,29 @@ def model_config_from_flags(preset_name: str = "") -> model_config.ModelConfig:
         raise flags.ValidationError(f"--model/--model_override: {e}") from None
 
 
+def optim_config_from_flags() -> config_lib.OptimConfig:
+    return config_lib.OptimConfig(
+        learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
+        schedule=FLAGS.lr_schedule, final_lr_fraction=FLAGS.final_lr_fraction,
+        weight_decay=FLAGS.weight_decay, b1=FLAGS.adam_b1, b2=FLAGS.adam_b2,
+        grad_clip_norm=FLAGS.grad_clip_norm)
+
+
+def train_config_from_flags(**overrides) -> config_lib.TrainConfig:
+    return config_lib.TrainConfig(**{
+        "steps": FLAGS.steps, "batch_size": FLAGS.batch_size, "seq_len": FLAGS.seq_len,
+        "grad_accum_steps": FLAGS.grad_accum_steps, "seed": FLAGS.seed,
+        "log_every": FLAGS.log_every, "eval_every": FLAGS.eval_every,
+        "eval_batches": FLAGS.eval_batches, "checkpoint_every": FLAGS.checkpoint_every,
+        "keep_checkpoints": FLAGS.keep_checkpoints,
+        "peak_flops_per_device": FLAGS.peak_flops_per_device,
+        "allow_config_change": FLAGS.allow_config_change, **overrides})
+
+
 def run_config_from_flags(task: str) -> config_lib.RunConfig:
     if not FLAGS.workdir:
         raise flags.ValidationError("--workdir is required")
+    model = model_config_from_flags()
     return config_lib.RunConfig(
         task=task,
         workdir=FLAGS.workdir,
@@ -136,27 +162,23 @@ def run_config_from_flags(task: str) -> config_lib.RunConfig:
         init_from=FLAGS.init_from,
         rm_center_coef=FLAGS.rm_center_coef,
         rm_read=FLAGS.rm_read,
-        model=model_config_from_flags(),
-        optim=config_lib.OptimConfig(
-            learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
-            schedule=FLAGS.lr_schedule, final_lr_fraction=FLAGS.final_lr_fraction,
-            weight_decay=FLAGS.weight_decay, b1=FLAGS.adam_b1, b2=FLAGS.adam_b2,
-            grad_clip_norm=FLAGS.grad_clip_norm),
-        train=config_lib.TrainConfig(
-            steps=FLAGS.steps, batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
-            grad_accum_steps=FLAGS.grad_accum_steps, seed=FLAGS.seed, log_every=FLAGS.log_every,
-            eval_every=FLAGS.eval_every, eval_batches=FLAGS.eval_batches,
-            checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
-            peak_flops_per_device=FLAGS.peak_flops_per_device, pack_rows=FLAGS.pack_rows),
+        model=model,
+        optim=optim_config_from_flags(),
+        train=train_config_from_flags(pack_rows=FLAGS.pack_rows),
         data=config_lib.DataConfig(
             data_dir=FLAGS.data_dir or os.path.join(FLAGS.workdir, "data"),
             world_seed=FLAGS.world_seed, train_files=tuple(FLAGS.train_files),
             eval_files=tuple(FLAGS.eval_files), tokenizer_path=FLAGS.tokenizer_path,
-            vocab_size=FLAGS.vocab_size, whitespace_runs=FLAGS.whitespace_runs,
+            vocab_size=FLAGS.vocab_size if FLAGS["vocab_size"].present else model.vocab_size,
+            whitespace_runs=FLAGS.whitespace_runs,
             world_pretrain_docs=FLAGS.world_pretrain_docs, world_sft_train=FLAGS.world_sft_train,
             world_eval=FLAGS.world_eval, world_prompts=FLAGS.world_prompts,
             data_shards=FLAGS.data_shards),
     )
+
+
+# OS errors a user causes and can fix: one line, not a traceback.
+USER_OS_ERRORS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM)
 
 
 def experiment_main(build_config, train: str):
@@ -169,6 +191,9 @@ def experiment_main(build_config, train: str):
         quiet_library_logs()
         from instructjax.config import ConfigError
         from instructjax.data.jsonl import DataError
+        from instructjax.train.checkpoint import CheckpointError
+        from instructjax.train.loop import NonFiniteLossError
+        from instructjax.train.workdir import EXIT_STOPPED, RunStopped
         try:
             cfg = build_config()
         except (ValueError, flags.ValidationError) as e:
@@ -177,8 +202,18 @@ def experiment_main(build_config, train: str):
             setup_devices()
             module, function = train.split(":")
             getattr(importlib.import_module(module), function)(cfg, argv=list(sys.argv))
-        except (ConfigError, DataError, FileNotFoundError) as e:
+        except (ConfigError, DataError, FileNotFoundError, CheckpointError,
+                NonFiniteLossError) as e:
             raise SystemExit(f"error: {e}") from None
+        except RunStopped as e:
+            print(f"stopped: {e}", file=sys.stderr)
+            raise SystemExit(EXIT_STOPPED) from None
+        except OSError as e:
+            if e.errno not in USER_OS_ERRORS:
+                raise
+            raise SystemExit(f"error: {e.strerror}: {e.filename or 'a file of the run'} "
+                             f"({errno.errorcode[e.errno]}); free space, fix the permissions "
+                             "or choose another --workdir / --data_dir") from None
     return main
 
 

@@ -31,6 +31,7 @@ flags.DEFINE_string("tokenizer_path", "", "A sentencepiece .model to use instead
                     "checkpoint's own tokenizer.model.")
 flags.DEFINE_bool("require_tokenizer", True, "--to=ours: fail when no sentencepiece tokenizer "
                   "is available (Hugging Face tokenizer.json files are not converted).")
+flags.DEFINE_bool("overwrite", False, "--to=hf: replace a non-empty --hf_dir.")
 flags.DEFINE_integer("max_shard_mb", 5120, "--to=hf: largest safetensors file, in MiB.")
 flags.mark_flags_as_required(["to", "hf_dir", "workdir"])
 
@@ -42,13 +43,14 @@ def main(argv):
     from instructjax.config import ConfigError
     from instructjax.model.hf import HFCheckpointError
     from instructjax.train import hf_workdir
+    from instructjax.train.checkpoint import CheckpointError
     try:
         cfg = hf_workdir.ConvertConfig(
             to=FLAGS.to, hf_dir=FLAGS.hf_dir, workdir=FLAGS.workdir, mesh=FLAGS.mesh,
             tokenizer_path=FLAGS.tokenizer_path, require_tokenizer=FLAGS.require_tokenizer,
-            max_shard_bytes=FLAGS.max_shard_mb * 2**20)
+            max_shard_bytes=FLAGS.max_shard_mb * 2**20, overwrite=FLAGS.overwrite)
         hf_workdir.convert(cfg, argv=list(sys.argv))
-    except (ConfigError, HFCheckpointError, FileNotFoundError) as e:
+    except (ConfigError, HFCheckpointError, FileNotFoundError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

@@ -41,7 +41,7 @@ REJECTED = {
 
 
 def config_from_flags():
-    from instructjax.config import DataConfig, OptimConfig, TrainConfig
+    from instructjax.config import DataConfig
     from instructjax.train.dpo_run import DPOConfig
     for name, why in REJECTED.items():
         if name in FLAGS and FLAGS[name].present:
@@ -57,17 +57,7 @@ def config_from_flags():
         beta=FLAGS.dpo_beta, label_smoothing=FLAGS.dpo_label_smoothing, pairs=FLAGS.dpo_pairs,
         epochs=FLAGS.epochs, remat=FLAGS.remat,
         compute_dtype=FLAGS.compute_dtype if FLAGS["compute_dtype"].present else "",
-        optim=OptimConfig(
-            learning_rate=FLAGS.learning_rate, warmup_steps=FLAGS.warmup_steps,
-            schedule=FLAGS.lr_schedule, final_lr_fraction=FLAGS.final_lr_fraction,
-            weight_decay=FLAGS.weight_decay, b1=FLAGS.adam_b1, b2=FLAGS.adam_b2,
-            grad_clip_norm=FLAGS.grad_clip_norm),
-        train=TrainConfig(
-            steps=FLAGS.steps, batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len,
-            grad_accum_steps=FLAGS.grad_accum_steps, seed=FLAGS.seed, log_every=FLAGS.log_every,
-            eval_every=FLAGS.eval_every, eval_batches=FLAGS.eval_batches,
-            checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
-            peak_flops_per_device=FLAGS.peak_flops_per_device),
+        optim=common.optim_config_from_flags(), train=common.train_config_from_flags(),
         data=DataConfig(
             data_dir=FLAGS.data_dir or f"{FLAGS.workdir}/data",
             train_files=tuple(FLAGS.train_files), eval_files=tuple(FLAGS.eval_files),

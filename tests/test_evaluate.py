@@ -137,7 +137,7 @@ def test_demonstrations_cover_kinds_in_instruction_style(demo_data):
 def test_few_shot_prefix_fits_the_context(demo_data, max_len, max_new):
     root, tasks = demo_data
     tok = ByteTokenizer()
-    prompts, info = evaluate._prompted_inputs(tasks, tok, data_dir=root, max_len=max_len,
+    prompts, info = evaluate.prompted_inputs(tasks, tok, data_dir=root, max_len=max_len,
                                               max_new_tokens=max_new, per_kind=2)
     for p, t in zip(prompts, tasks):
         assert p.endswith(t["prompt"]) and p.startswith(info["prefix"])

@@ -1,6 +1,7 @@
 """Hugging Face interop against transformers itself (torch, CPU) as the reference: logits of
 imported and exported checkpoints, exact round trips, streaming onto sharded meshes, clear
 errors, and the convert entry point."""
+import dataclasses
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from instructjax.data.tokenizer import train_tokenizer
 from instructjax.model import hf
 from instructjax.model.config import ModelConfig, preset
 from instructjax.model.transformer import Transformer
-from instructjax.train import hf_workdir, run, state as state_lib
+from instructjax.train import hf_workdir, state as state_lib, workdir as wd
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -287,16 +288,16 @@ def test_convert_round_trip_through_a_workdir(hf_dirs, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
 
     mesh = parallel.make_mesh(TP)
-    model, params, tokenizer = run.load_trained(workdir, mesh)
+    model, params, tokenizer = wd.load_trained(workdir, mesh)
     assert tokenizer.vocab_size == 300
     _, direct = hf.load_checkpoint(hf_dirs["llama"], mesh)
     a, b = _flat_np(params), _flat_np(direct)
     assert all(np.array_equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
     # model.flags rebuilds the same ModelConfig through the stages' flag parsing.
-    from experiments.common import _parse_override
+    from experiments.common import parse_override
     lines = (workdir / "model.flags").read_text().splitlines()[1:]
     base = lines[0].removeprefix("--model=")
-    overrides = dict(_parse_override(x.removeprefix("--model_override=")) for x in lines[1:])
+    overrides = dict(parse_override(x.removeprefix("--model_override=")) for x in lines[1:])
     assert preset(base, **overrides) == model.cfg
 
     hf_workdir.convert(hf_workdir.ConvertConfig(to="hf", hf_dir=str(out), workdir=str(workdir),
@@ -306,6 +307,10 @@ def test_convert_round_trip_through_a_workdir(hf_dirs, tmp_path):
     assert (exported["eos_token_id"], exported["pad_token_id"]) == (1, 0)
     tokens = _tokens(LLAMA_VOCAB)
     np.testing.assert_allclose(_theirs(out, tokens), _theirs(hf_dirs["llama"], tokens), atol=1e-5)
+    again = hf_workdir.ConvertConfig(to="hf", hf_dir=str(out), workdir=str(workdir), mesh=TP)
+    with pytest.raises(ConfigError, match="is not empty.*--overwrite"):
+        hf_workdir.convert(again)
+    hf_workdir.convert(dataclasses.replace(again, overwrite=True))
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         hf_workdir.import_to_workdir(hf_workdir.ConvertConfig(
             to="ours", hf_dir=str(hf_dirs["llama"]), workdir=str(workdir)))

@@ -18,7 +18,7 @@ from instructjax import parallel
 from instructjax.model.transformer import Transformer
 from instructjax.rlhf import ppo
 from instructjax.train import checkpoint as ckpt_lib, state as state_lib
-from instructjax.train.run import load_model_config, load_trained
+from instructjax.train.workdir import load_model_config, load_trained
 
 from fakes import fake_run
 
@@ -103,7 +103,8 @@ def test_two_processes_equal_one_and_checkpoints_move_between_them(single, tmp_p
     assert sorted(first) == [1, 2, 3]  # process 0 alone writes metrics
     np.testing.assert_allclose([first[s] for s in (1, 2, 3)], [reference[s] for s in (1, 2, 3)],
                                rtol=1e-5)
-    _one_process("experiments.pretrain", _pretrain_flags(two_then_one, data, 6, tokenizer))
+    _one_process("experiments.pretrain", _pretrain_flags(two_then_one, data, 6, tokenizer)
+                 + ["--allow_config_change"])  # the same run, made longer
     _assert_same_params(_params(two_then_one), _params(single / "single"), 1e-5)
 
     # 1 process's checkpoint at step 3, resumed by 2 processes to step 6.

@@ -348,7 +348,7 @@ def test_sigkill_then_resume_equals_uninterrupted(stage_dirs, tmp_path):
     subprocess.run(_ppo_cmd(killed, data, sft, rm), check=True, cwd=ROOT, env=_env(),
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
 
-    from instructjax.train.run import load_trained
+    from instructjax.train.workdir import load_trained
     mesh = parallel.make_mesh("data:1,fsdp:1,tensor:1", jax.devices()[:1])
     _, a, _ = load_trained(straight, mesh)
     _, b, _ = load_trained(killed, mesh)

@@ -1,5 +1,6 @@
 """End to end through experiments.pretrain: a run killed with SIGKILL and resumed ends with
 exactly the parameters of an uninterrupted run; bad flags give clear errors."""
+import json
 import os
 import signal
 import subprocess
@@ -9,11 +10,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from instructjax import parallel
 from instructjax.model.transformer import Transformer
 from instructjax.train import checkpoint as ckpt_lib, state as state_lib
-from instructjax.train.run import load_model_config
+from instructjax.train import workdir as wd
+from instructjax.train.workdir import load_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -38,29 +41,47 @@ def _final_params(workdir):
     return jax.device_get(ckpt_lib.restore_params(workdir, state_lib.abstract_params(model, mesh)[0]))
 
 
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
-    data_dir = tmp_path / "data"
-    straight = tmp_path / "straight"
-    subprocess.run(_cmd(straight, data_dir), check=True, cwd=ROOT, env=_env(),
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """(data_dir, workdir) of an uninterrupted run."""
+    root = tmp_path_factory.mktemp("resume")
+    subprocess.run(_cmd(root / "straight", root / "data"), check=True, cwd=ROOT, env=_env(),
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    return root / "data", root / "straight"
 
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(killed, data_dir), cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+def _start_and_wait_for_checkpoint(workdir, data_dir, step):
+    proc = subprocess.Popen(_cmd(workdir, data_dir), cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
-    while not (killed / "checkpoints" / "8").exists():  # orbax renames a finished save into place
-        assert proc.poll() is None, "run ended before it could be killed"
-        assert time.time() < deadline, "no checkpoint at step 8 in time"
+    while not (workdir / "checkpoints" / str(step)).exists():  # orbax renames a finished save
+        assert proc.poll() is None, "run ended before it could be stopped"
+        assert time.time() < deadline, f"no checkpoint at step {step} in time"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "final_eval.json").exists()
+    return proc
 
-    subprocess.run(_cmd(killed, data_dir), check=True, cwd=ROOT, env=_env(),
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+def test_stop_then_resume_equals_uninterrupted(straight, tmp_path, signum):
+    data_dir, straight_dir = straight
+    stopped = tmp_path / "stopped"
+    proc = _start_and_wait_for_checkpoint(stopped, data_dir, 4)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert not wd.is_finished(stopped)
+    if signum == signal.SIGTERM:  # saved, said so, and exited as a preempted job
+        assert proc.returncode == wd.EXIT_STOPPED, stderr
+        assert "of 12 (checkpoint saved); rerun the same command to resume" in stderr
+        record = json.loads((stopped / wd.RUN_RECORD_FILE).read_text())
+        assert record["status"]["state"] == "stopped"
+        assert str(record["status"]["step"]) in stderr
+
+    subprocess.run(_cmd(stopped, data_dir), check=True, cwd=ROOT, env=_env(),
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
-    a, b = _final_params(straight), _final_params(killed)
+    assert wd.is_finished(stopped)
+    a, b = _final_params(straight_dir), _final_params(stopped)
     jax.tree.map(np.testing.assert_array_equal, a, b)
-    metrics = (killed / "metrics.jsonl").read_text()
+    metrics = (stopped / "metrics.jsonl").read_text()
     assert '"step": 12' in metrics
 
 
@@ -78,3 +99,17 @@ def test_bad_flags_give_clear_errors(tmp_path):
                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "--vocab_size=300: cannot train a 300-piece tokenizer" in result.stderr
+    # A malformed line of the user's pretraining text is reported as the text's fault.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a b c"}\n{"text": "d e f"}\n{"text": 3}\n')
+    result = subprocess.run(_cmd(tmp_path / "w2", tmp_path / "d", f"--train_files={bad}",
+                                 f"--eval_files={bad}"),
+                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"{bad}:3" in result.stderr and "--vocab_size" not in result.stderr, result.stderr
+    # A workdir that cannot be written (sysfs refuses new entries, root or not).
+    result = subprocess.run(_cmd(Path("/sys/fs/instructjax-test"), tmp_path / "d"),
+                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "error: Operation not permitted: /sys/fs/instructjax-test" in result.stderr or \
+        "error: Permission denied: /sys/fs/instructjax-test" in result.stderr

@@ -23,8 +23,8 @@ from instructjax.model.transformer import Transformer
 from instructjax.rlhf import ppo, ppo_run, reward_analysis, rollout
 from instructjax.sampling import left_pad
 from instructjax.train import state as state_lib
-from instructjax.train import run
-from instructjax.train.run import load_trained
+from instructjax.train import run, workdir
+from instructjax.train.workdir import load_trained
 
 ARITH = {"kind": "arith", "prompt": "What is 2 plus 3?\n", "answer": "5", "accept": ["5"]}
 
@@ -134,18 +134,19 @@ def test_reward_read_recorded_in_the_workdir_is_what_ppo_uses(runs, tmp_path):
                         optim=OptimConfig(learning_rate=1e-3),
                         train=TrainConfig(steps=1, batch_size=1, seq_len=64),
                         data=DataConfig(data_dir=str(tmp_path / "data")), rm_read="pooled")
-    run.write_run_record(run_cfg, [])
-    assert run.load_reward_read(tmp_path / "rm") == "pooled"
-    assert run.load_reward_read(root / "reward") == "eos"  # written before reads were recorded
+    with workdir.open_run(run_cfg.workdir, run_cfg, [], total_steps=1, files=run.run_files(run_cfg)):
+        pass
+    assert workdir.load_reward_read(tmp_path / "rm") == "pooled"
+    assert workdir.load_reward_read(root / "reward") == "eos"  # written before reads were recorded
     with pytest.raises(ConfigError, match="--rm_read=pooled"):  # no resuming with another read
-        run._check_reward_read(dataclasses.replace(run_cfg, rm_read="eos"))
+        run.check_reward_read(dataclasses.replace(run_cfg, rm_read="eos"))
     with pytest.raises(ValueError, match="--rm_read"):
         dataclasses.replace(run_cfg, rm_read="mean")
 
     # The same trained reward model with the 'pooled' record next to it.
     pooled_dir = tmp_path / "rm_pooled"
     shutil.copytree(root / "reward", pooled_dir)
-    shutil.copy(tmp_path / "rm" / run.REWARD_CONFIG_FILE, pooled_dir)
+    shutil.copy(tmp_path / "rm" / workdir.REWARD_CONFIG_FILE, pooled_dir)
     model = Transformer(cfg, head="scalar")
     assert ppo_run.rollout_models(Transformer(cfg), model, pooled_dir).reward_read == "pooled"
     assert ppo_run.rollout_models(Transformer(cfg), model, root / "reward").reward_read == "eos"

@@ -13,7 +13,8 @@ import numpy as np
 
 from instructjax import parallel
 from instructjax.data import builders, pipeline
-from instructjax.train.run import NORMALISE_BATCHES, load_trained
+from instructjax.train.run import NORMALISE_BATCHES
+from instructjax.train.workdir import load_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--model=tiny", "--model_override=max_len=256", "--vocab_size=512", "--batch_size=8",

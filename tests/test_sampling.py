@@ -126,11 +126,11 @@ def test_left_pad_and_positions():
 def test_sampled_frequencies_follow_the_tempered_nucleus(top_p):
     # 20k rows of the same 6-token distribution, one draw each: frequencies match the
     # (top-p renormalised) probabilities, and tokens outside the nucleus never appear.
-    from instructjax.sampling import _choose
+    from instructjax.sampling import choose_token
     logits = jnp.log(jnp.asarray([0.05, 0.4, 0.0, 0.25, 0.2, 0.1]))
     rows = 20_000
     cfg = SamplingConfig(max_new_tokens=1, eos_id=EOS, pad_id=PAD, temperature=0.5, top_p=top_p)
-    tokens, logps = jax.jit(_choose, static_argnums=2)(
+    tokens, logps = jax.jit(choose_token, static_argnums=2)(
         jnp.broadcast_to(logits, (rows, 6)), jax.random.key(3), cfg)
     probs = np.asarray(jax.nn.softmax(logits / 0.5))
     np.testing.assert_allclose(np.asarray(logps), np.log(probs[np.asarray(tokens)]), rtol=1e-5)

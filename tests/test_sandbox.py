@@ -169,7 +169,8 @@ def test_mode_none_warns_and_still_isolates_processes(problems):
         p, canon = problems["HumanEval/0"]
         results = e.run([(p, canon, 0), (p, "    return None\n", 1), (ADD, LABEL_CASES["timeout"], 2),
                          (ADD, LABEL_CASES["out_of_memory"], 3)])
-        assert _labels(results) == ["passed", "failed", "timeout", "out_of_memory"]
+        assert _labels(results) == ["passed", "failed", "timeout", "out_of_memory"], \
+            [r.error for r in results]
 
 
 def test_evaluator_empty_and_closed():

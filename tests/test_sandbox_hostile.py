@@ -251,7 +251,7 @@ def hostile_cases(o):
                            "builtins.isinstance = lambda *a: True\nbuiltins.abs = lambda x: 0\nmath.fabs = lambda x: 0\n"
                            "builtins.__dict__['check'] = lambda c: None\n", {"failed", "crashed"})
     c["patch_serve_loop"] = ("    return None\nimport sys, json\nm = sys.modules['__main__']\n"
-                             "m._enc = lambda v, d=0: 5\njson.dumps = lambda *a, **k: '[\"ready\"]'\n", {"failed", "crashed"})
+                             "m.encode_plain = lambda v, d=0: 5\njson.dumps = lambda *a, **k: '[\"ready\"]'\n", {"failed", "crashed"})
     c["nonplain_returns"] = ("    import sys\n    sys.setrecursionlimit(100000)\n    l = []\n    l.append(l)\n"
                              "    return (x for x in [l, NotImplemented, 10 ** 100000])\n", {"failed"})
     c["self_referential_list"] = ("    l = []\n    l.append(l)\n    return l\n", {"failed"})

@@ -131,7 +131,7 @@ def test_init_from_with_another_model_is_a_clear_error(tmp_path):
     import dataclasses
     import json
     from instructjax.config import ConfigError, DataConfig, RunConfig
-    from instructjax.train.run import _check_init_from_model
+    from instructjax.train.run import check_init_from_model
     earlier = tmp_path / "sft"
     earlier.mkdir()
     (earlier / "model_config.json").write_text(
@@ -143,6 +143,40 @@ def test_init_from_with_another_model_is_a_clear_error(tmp_path):
                          train=TrainConfig(steps=1, batch_size=8, seq_len=64),
                          data=DataConfig(data_dir=str(tmp_path / "d")))
 
-    _check_init_from_model(cfg(preset("tiny", vocab_size=512, compute_dtype="bfloat16")))
+    check_init_from_model(cfg(preset("tiny", vocab_size=512, compute_dtype="bfloat16")))
     with pytest.raises(ConfigError, match=r"vocab_size=2048 \(theirs 512\), d_model=128 \(theirs 64\)"):
-        _check_init_from_model(cfg(preset("demo", max_len=128)))
+        check_init_from_model(cfg(preset("demo", max_len=128)))
+
+
+def test_the_tokenizer_and_the_model_agree_on_the_vocabulary(tmp_path):
+    import json
+    from absl import flags
+    from experiments import common
+    from instructjax.config import ConfigError, DataConfig, RunConfig
+    from instructjax.train.run import resolve_tokenizer
+    FLAGS = flags.FLAGS
+    try:  # a preset's vocabulary holds unless --vocab_size is given
+        FLAGS(["test", "--model=tiny", "--seq_len=64", f"--workdir={tmp_path}"])
+        cfg = common.run_config_from_flags("pretrain")
+        assert cfg.model.vocab_size == cfg.data.vocab_size == 512
+        FLAGS.unparse_flags()
+        FLAGS(["test", "--model=tiny", "--seq_len=64", "--vocab_size=1024", f"--workdir={tmp_path}"])
+        cfg = common.run_config_from_flags("pretrain")
+        assert cfg.model.vocab_size == cfg.data.vocab_size == 1024
+    finally:
+        FLAGS.unparse_flags()
+
+    # A corpus too small for the requested vocabulary: refused, naming both numbers.
+    corpus = tmp_path / "tiny.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"the cat sat on mat {i}"}) + "\n"
+                              for i in range(50)))
+    cfg = RunConfig(task="pretrain", workdir=str(tmp_path / "w"), model=preset("tiny"),
+                    optim=OptimConfig(learning_rate=1e-3),
+                    train=TrainConfig(steps=1, batch_size=8, seq_len=64),
+                    data=DataConfig(data_dir=str(tmp_path / "d"), vocab_size=512,
+                                    train_files=(str(corpus),), eval_files=(str(corpus),)))
+    files = {"train": str(corpus), "eval": str(corpus)}
+    with pytest.raises(ConfigError, match=r"--vocab_size=512: the training text gave only "
+                                          r"(\d+) tokenizer pieces; rerun with --vocab_size=\1"):
+        resolve_tokenizer(cfg, files)
+    assert not (tmp_path / "w" / "tokenizer.model").exists()

@@ -66,7 +66,7 @@ def _sample(checkpoint, prompts, *, temperature, max_new_tokens, cfg, seed_offse
     from instructjax import parallel
     from instructjax.rlhf.generate import generate
     from instructjax.sampling import SamplingConfig
-    from instructjax.train.run import load_trained
+    from instructjax.train.workdir import load_trained
 
     mesh = parallel.make_mesh(cfg.mesh)
     model, params, tokenizer = load_trained(checkpoint, mesh)

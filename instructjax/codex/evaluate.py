@@ -116,7 +116,7 @@ def sample_completions(cfg: SampleConfig, problems: dict) -> tuple[dict, list[st
     from instructjax import parallel
     from instructjax.rlhf.generate import generate
     from instructjax.sampling import SamplingConfig
-    from instructjax.train.run import load_trained
+    from instructjax.train.workdir import load_trained
 
     mesh = parallel.make_mesh(cfg.mesh)
     model, params, tokenizer = load_trained(cfg.checkpoint, mesh)

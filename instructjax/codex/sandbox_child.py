@@ -33,7 +33,7 @@ MAX_MSG = 1 << 22          # bytes per message
 MAX_DEPTH = 100            # nesting of decoded values
 EXIT_SETUP = 71            # candidate could not be set up (infrastructure)
 EXIT_OOM = 72              # candidate ran out of memory inside the serve loop
-_HDR = struct.Struct(">I")
+HEADER = struct.Struct(">I")
 
 
 # --------------------------------------------------------------------------- codec
@@ -41,7 +41,7 @@ class WireError(Exception):
     """A value that is not plain data, or a malformed message."""
 
 
-def _enc(v, depth=0):
+def encode_plain(v, depth=0):
     if depth > MAX_DEPTH:
         raise WireError("value nested too deeply")
     t = type(v)
@@ -53,12 +53,12 @@ def _enc(v, depth=0):
         return ["y", v.hex()]
     if t is list or t is tuple or t is set or t is frozenset:
         tag = {list: "l", tuple: "t", set: "s", frozenset: "z"}[t]
-        return [tag] + [_enc(x, depth + 1) for x in v]
+        return [tag] + [encode_plain(x, depth + 1) for x in v]
     if t is dict:
         out = ["d"]
         for k, x in v.items():
-            out.append(_enc(k, depth + 1))
-            out.append(_enc(x, depth + 1))
+            out.append(encode_plain(k, depth + 1))
+            out.append(encode_plain(x, depth + 1))
         return out
     raise WireError(f"not plain data: {t.__name__}")
 
@@ -67,7 +67,7 @@ def _reject(*_):
     raise WireError("forbidden JSON construct")
 
 
-def _dec(v, depth=0):
+def decode_plain(v, depth=0):
     if depth > MAX_DEPTH:
         raise WireError("value nested too deeply")
     t = type(v)
@@ -83,7 +83,7 @@ def _dec(v, depth=0):
             return float(items[0]) if tag == "f" else bytes.fromhex(items[0])
         except ValueError as e:
             raise WireError(str(e)) from None
-    vals = [_dec(x, depth + 1) for x in items]
+    vals = [decode_plain(x, depth + 1) for x in items]
     try:
         if tag == "l":
             return vals
@@ -116,7 +116,7 @@ def loads_msg(data: bytes) -> list:
 
 def frame(obj) -> bytes:
     data = json.dumps(obj).encode()
-    return _HDR.pack(len(data)) + data
+    return HEADER.pack(len(data)) + data
 
 
 def _recv_exact(sock, n):
@@ -134,7 +134,7 @@ def recv_frame_blocking(sock):
     hdr = _recv_exact(sock, 4)
     if hdr is None:
         return None
-    (n,) = _HDR.unpack(hdr)
+    (n,) = HEADER.unpack(hdr)
     if n > MAX_MSG:
         return None
     return _recv_exact(sock, n)
@@ -324,7 +324,7 @@ def _candidate(data_fd, out_fd, lim, workdir, libc, fprog, ctypes):
     os._exit(0)
 
 
-def _describe(e):
+def describe_exception(e):
     try:
         return f"{type(e).__name__}: {e}"[:400]
     except BaseException:
@@ -351,11 +351,11 @@ def _serve(sock):
         if not callable(fn):
             raise NameError(f"entry point {entry!r} is not defined")
     except MemoryError as e:
-        reply = ["load_error", nonce, "memory", _describe(e)]
+        reply = ["load_error", nonce, "memory", describe_exception(e)]
     except Exception as e:
-        reply = ["load_error", nonce, "exception", _describe(e)]
+        reply = ["load_error", nonce, "exception", describe_exception(e)]
     except BaseException as e:
-        reply = ["load_error", nonce, "exit", _describe(e)]
+        reply = ["load_error", nonce, "exit", describe_exception(e)]
     else:
         reply = ["ready", nonce]
     _flush()
@@ -367,23 +367,23 @@ def _serve(sock):
         if data is None:
             return
         _, nonce, args, kwargs = loads_msg(data)
-        args = _dec(args)
-        kwargs = _dec(kwargs)
+        args = decode_plain(args)
+        kwargs = decode_plain(kwargs)
         try:
-            reply = ["ret", nonce, _enc(fn(*args, **kwargs))]
+            reply = ["ret", nonce, encode_plain(fn(*args, **kwargs))]
         except WireError as e:
-            reply = ["nonplain", nonce, _describe(e)]
+            reply = ["nonplain", nonce, describe_exception(e)]
         except MemoryError as e:
-            reply = ["raise", nonce, "memory", "MemoryError", _describe(e)]
+            reply = ["raise", nonce, "memory", "MemoryError", describe_exception(e)]
         except Exception as e:
-            reply = ["raise", nonce, "exception", type(e).__name__, _describe(e)]
+            reply = ["raise", nonce, "exception", type(e).__name__, describe_exception(e)]
         except BaseException as e:
-            reply = ["raise", nonce, "exit", type(e).__name__, _describe(e)]
+            reply = ["raise", nonce, "exit", type(e).__name__, describe_exception(e)]
         _flush()
         try:
             payload = frame(reply)
         except (ValueError, RecursionError) as e:
-            payload = frame(["nonplain", nonce, _describe(e)])
+            payload = frame(["nonplain", nonce, describe_exception(e)])
         sock.sendall(payload)
 
 

@@ -21,8 +21,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -P leaves it out
-from sandbox_child import (EXIT_OOM, EXIT_SETUP, MAX_MSG, WireError, _dec, _describe,  # noqa: E402
-                           _enc, _HDR, frame, loads_msg)
+from sandbox_child import (EXIT_OOM, EXIT_SETUP, HEADER, MAX_MSG, WireError,  # noqa: E402
+                           decode_plain, describe_exception, encode_plain, frame, loads_msg)
 
 
 class _Deadline(BaseException):
@@ -80,8 +80,10 @@ class _Chan:
         except BlockingIOError:
             return False
         if not chunk:
-            os.close(self.out_fd)
-            self.out_fd = None
+            # Forget the fd before closing it: a deadline signal raised between the two would
+            # otherwise leave a closed number here, and its reuse would be closed twice.
+            fd, self.out_fd = self.out_fd, None
+            os.close(fd)
             return False
         self.out_total += len(chunk)
         if len(self.out) < 4096:
@@ -97,7 +99,7 @@ class _Chan:
     def recv(self, deadline):
         while True:
             if len(self.buf) >= 4:
-                (n,) = _HDR.unpack_from(self.buf)
+                (n,) = HEADER.unpack_from(self.buf)
                 if n > MAX_MSG:
                     raise _Verdict("failed", "candidate sent an oversized message")
                 if len(self.buf) >= 4 + n:
@@ -138,7 +140,7 @@ class _Proxy:
     def __call__(self, *args, **kwargs):
         nonce = os.urandom(8).hex()
         try:
-            enc = ["call", nonce, _enc(list(args)), _enc(dict(kwargs))]
+            enc = ["call", nonce, encode_plain(list(args)), encode_plain(dict(kwargs))]
         except WireError as e:
             raise _Verdict("sandbox_error", f"test passes a non-plain argument: {e}") from None
         self._chan.send(enc)
@@ -148,7 +150,7 @@ class _Proxy:
             raise _Verdict("failed", "candidate broke the call protocol (unexpected message)")
         if kind == "ret" and len(msg) == 3:
             try:
-                return _dec(msg[2])
+                return decode_plain(msg[2])
             except WireError as e:
                 raise _Verdict("failed", f"candidate returned non-plain data: {e}") from None
         if kind == "nonplain":
@@ -340,7 +342,8 @@ class Worker:
         finally:
             ours.close()
             if chan.out_fd is not None:
-                os.close(chan.out_fd)
+                fd, chan.out_fd = chan.out_fd, None
+                os.close(fd)
         if not status.get("clean"):
             self.stop_zygote()  # a fresh sandbox for the next sample
         if label != "passed" and not error:
@@ -392,7 +395,7 @@ class Worker:
             except (_Deadline, _Verdict):
                 raise
             except Exception as e:
-                raise _Verdict("sandbox_error", f"the problem's test code failed: {_describe(e)}") from None
+                raise _Verdict("sandbox_error", f"the problem's test code failed: {describe_exception(e)}") from None
             proxy = _Proxy(chan, deadline)
             g[job["entry_point"]] = proxy
             g["check"](proxy)
@@ -406,9 +409,9 @@ class Worker:
         except AssertionError as e:
             return ("out_of_memory" if proxy and proxy.oom else "failed"), f"AssertionError: {e}", False
         except Exception as e:
-            return ("out_of_memory" if proxy and proxy.oom else "failed"), _describe(e), False
+            return ("out_of_memory" if proxy and proxy.oom else "failed"), describe_exception(e), False
         except BaseException as e:
-            return "sandbox_error", f"test harness raised {_describe(e)}", False
+            return "sandbox_error", f"test harness raised {describe_exception(e)}", False
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
 

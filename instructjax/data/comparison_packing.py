@@ -23,7 +23,7 @@ import grain
 import numpy as np
 
 from instructjax.data.jsonl import DataError
-from instructjax.data.pipeline import EncodeComparison, _host_records
+from instructjax.data.pipeline import EncodeComparison, host_records
 
 PACKED_COMPARISON_KEYS = ("tokens_RxT", "positions_RxT", "segment_ids_RxT", "reward_index_BxK",
                           "response_start_BxK", "rank_BxK", "valid_BxK", "truncated_BxK")
@@ -139,7 +139,7 @@ def packed_comparison_batches(source, tokenizer, *, seq_len: int, rows: int, max
     finite pass is partial (valid 0 on the missing prompts), never dropped."""
     if rows < 1 or max_prompts < 1:
         raise ValueError(f"rows and max_prompts must be >= 1, got {rows}, {max_prompts}")
-    ds = _host_records(source, seed=seed, shard_index=shard_index, shard_count=shard_count,
+    ds = host_records(source, seed=seed, shard_index=shard_index, shard_count=shard_count,
                        num_epochs=num_epochs, shuffle=shuffle)
     ds = ds.map(EncodeComparison(tokenizer.path, seq_len, k_max)).to_iter_dataset()
     return _PackedDataset(ds, rows=rows, seq_len=seq_len, max_prompts=max_prompts, k_max=k_max,

@@ -36,7 +36,7 @@ from absl import logging
 
 from instructjax.data.comparisons import to_comparison
 from instructjax.data.jsonl import DataError
-from instructjax.data.pipeline import _host_records, _WithTokenizer
+from instructjax.data.pipeline import host_records, WithTokenizer
 from instructjax.data.tokenizer import Tokenizer
 
 PAIR_MODES = ("all", "best", "best_worst")
@@ -108,7 +108,7 @@ class PairSource(Sequence):
         return f"PairSource({len(self)} {self.mode!r} pairs of {self.comparisons} comparisons)"
 
 
-class EncodePair(_WithTokenizer):
+class EncodePair(WithTokenizer):
     """{'prompt','chosen','rejected'} -> the per-example arrays of the module docstring."""
 
     def __init__(self, tokenizer_path, seq_len: int):
@@ -172,7 +172,7 @@ def pair_batches(pairs: PairSource, tokenizer: Tokenizer, *, seq_len: int, batch
     if len(pairs) == 0:
         raise DataError(f"{pairs!r}: no preference pairs (every comparison has fewer than two "
                         "distinct responses)")
-    ds = _host_records(pairs, seed=seed, shard_index=shard_index, shard_count=shard_count,
+    ds = host_records(pairs, seed=seed, shard_index=shard_index, shard_count=shard_count,
                        num_epochs=num_epochs, shuffle=shuffle)
     ds = ds.map(EncodePair(tokenizer.path, seq_len)).to_iter_dataset()
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)

@@ -29,7 +29,7 @@ from instructjax.data.tokenizer import Tokenizer
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
 
-class _WithTokenizer:
+class WithTokenizer:
     """Loads the tokenizer lazily from its path, so instances pickle to worker processes."""
 
     def __init__(self, tokenizer_path):
@@ -46,7 +46,7 @@ class _WithTokenizer:
         return {"tokenizer_path": self.tokenizer_path, "_tokenizer": None}
 
 
-class EncodeDocument(_WithTokenizer):
+class EncodeDocument(WithTokenizer):
     """{'text'} -> {'inputs','targets'}: the document's tokens + EOS, shifted by one."""
 
     def __call__(self, record):
@@ -55,7 +55,7 @@ class EncodeDocument(_WithTokenizer):
         return {"inputs": ids[:-1], "targets": ids[1:]}
 
 
-class EncodeDemonstration(_WithTokenizer):
+class EncodeDemonstration(WithTokenizer):
     """{'prompt','response'} -> inputs/targets/loss_mask of prompt + response + EOS, with
     the loss on the response tokens and the EOS only."""
 
@@ -119,7 +119,7 @@ class PadOne:
                 "loss_mask": np.pad(mask.astype(np.float32), (0, pad))}
 
 
-def _host_records(source, *, seed, shard_index, shard_count, num_epochs, shuffle):
+def host_records(source, *, seed, shard_index, shard_count, num_epochs, shuffle):
     """This host's shard of the records, reshuffled every epoch."""
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} out of range for {shard_count} shards")
@@ -133,7 +133,7 @@ def _host_records(source, *, seed, shard_index, shard_count, num_epochs, shuffle
 
 
 def _examples(source, encode, **host_kwargs):
-    return _host_records(source, **host_kwargs).map(encode).filter(_has_targets).to_iter_dataset()
+    return host_records(source, **host_kwargs).map(encode).filter(_has_targets).to_iter_dataset()
 
 
 def lm_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
@@ -196,7 +196,7 @@ COMPARISON_BATCH_KEYS = ("tokens_BxKxT", "positions_BxKxT", "segment_ids_BxKxT",
                          "valid_BxK", "truncated_BxK", "response_start_BxK")
 
 
-class EncodeComparison(_WithTokenizer):
+class EncodeComparison(WithTokenizer):
     """One comparison (prompt, K responses, ranking) -> K rows of prompt + response + EOS.
 
     Rows are right-padded with pad_id to seq_len and slots K..k_max-1 are empty (all
@@ -304,7 +304,7 @@ def comparison_batches(source, tokenizer: Tokenizer, *, seq_len: int, batch_size
     """
     if k_max < 2:
         raise ValueError(f"k_max must be at least 2, got {k_max}")
-    ds = _host_records(source, seed=seed, shard_index=shard_index, shard_count=shard_count,
+    ds = host_records(source, seed=seed, shard_index=shard_index, shard_count=shard_count,
                        num_epochs=num_epochs, shuffle=shuffle)
     ds = ds.map(EncodeComparison(tokenizer.path, seq_len, k_max))
     ds = ds.to_iter_dataset().batch(batch_size, drop_remainder=drop_remainder)

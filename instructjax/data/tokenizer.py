@@ -84,11 +84,20 @@ def train_tokenizer(texts: Iterable[str], out_path: str | Path, *, vocab_size: i
     out_path.parent.mkdir(parents=True, exist_ok=True)
     symbols = [NEWLINE] + (whitespace_symbols() if whitespace_runs else [])
     symbols = list(dict.fromkeys(symbols))
+    failures = []
+
+    def lines():  # an error reading the text is the text's, not the tokenizer's
+        try:
+            yield from _training_lines(texts, max_lines, 4000)
+        except Exception as e:
+            failures.append(e)
+            raise
+
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
         prefix = os.path.join(tmp, "spm")
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(_training_lines(texts, max_lines, 4000)),
+                sentence_iterator=lines(),
                 model_prefix=prefix, vocab_size=vocab_size, model_type=model_type,
                 character_coverage=0.9995, byte_fallback=True, normalization_rule_name="identity",
                 remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
@@ -97,6 +106,8 @@ def train_tokenizer(texts: Iterable[str], out_path: str | Path, *, vocab_size: i
                 max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1,
                 hard_vocab_limit=False, minloglevel=2)
         except RuntimeError as e:  # sentencepiece's own message names the limit it hit
+            if failures:
+                raise failures[0] from None
             reason = str(e).split("] ")[-1].split(" Increase")[0]
             raise ValueError(f"cannot train a {vocab_size}-piece tokenizer on this corpus "
                              f"({reason}); raise the vocabulary size") from None

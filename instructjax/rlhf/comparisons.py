@@ -19,7 +19,7 @@ from instructjax.data.jsonl import read_jsonl, write_json_atomic
 from instructjax.data.world import labelers as labelers_lib
 from instructjax.rlhf.generate import generate
 from instructjax.sampling import SamplingConfig
-from instructjax.train.run import load_trained
+from instructjax.train.workdir import load_trained
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -73,7 +73,7 @@ def make_comparisons(policy_dir, prompt_files: dict[str, str | Path], out_dir: s
     out_dir = Path(out_dir)
     key = jax.random.key(cfg.seed)
     stats: dict = {"config": dataclasses.asdict(cfg), "policy": str(policy_dir)}
-    policy = load_trained(policy_dir, mesh)
+    policy = load_trained(policy_dir, mesh, flag="--policy_from")
     samples = {}
     for i, split in enumerate(("train", "eval")):
         tasks = _tasks(prompt_files[split], num_prompts[split])

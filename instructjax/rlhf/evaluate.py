@@ -27,12 +27,13 @@ from instructjax import parallel
 from instructjax.data import builders, pipeline
 from instructjax.data.jsonl import atomic_output, read_jsonl, write_json_atomic, write_jsonl_atomic
 from instructjax.data.world import labelers as labelers_lib
-from instructjax.losses import LMLossConfig, Objective, lm_loss, make_apply, reduce_metrics
+from instructjax.losses import LMLossConfig, Objective, lm_loss, make_apply
 from instructjax.rlhf import eval_metrics
 from instructjax.rlhf.generate import generate
 from instructjax.sampling import SamplingConfig
 from instructjax.train import step as step_lib
-from instructjax.train.run import load_trained
+from instructjax.train.metrics import MetricSums
+from instructjax.train.workdir import load_trained
 
 
 def heldout_loss(model, params, tokenizer, source, *, kind: str, seq_len: int, batch_size: int,
@@ -42,13 +43,11 @@ def heldout_loss(model, params, tokenizer, source, *, kind: str, seq_len: int, b
     eval_step = step_lib.make_eval_step(Objective(lm_loss, LMLossConfig()),
                                         apply=make_apply(model), mesh=mesh,
                                         params_shardings=params_sh)
-    totals = {"loss": [0.0, 0.0]}
+    sums = MetricSums()
     for batch in pipeline.eval_batches(source, tokenizer, kind=kind, seq_len=seq_len,
                                        batch_size=batch_size):
-        s, w = jax.device_get(eval_step(params, parallel.global_batch(batch, mesh)))["loss"]
-        totals["loss"][0] += float(s)
-        totals["loss"][1] += float(w)
-    return reduce_metrics(totals)["loss"]
+        sums.add(eval_step(params, parallel.global_batch(batch, mesh)))
+    return sums.means()["loss"]
 
 
 # Tokens kept free between the few-shot prefix + prompt and the sampled response.
@@ -78,7 +77,7 @@ def _eval_tasks(data_dir: Path, num_prompts: int) -> list[dict]:
     return tasks[:num_prompts] if num_prompts > 0 else tasks
 
 
-def _prompted_inputs(tasks, tokenizer, *, data_dir: Path, max_len: int, max_new_tokens: int,
+def prompted_inputs(tasks, tokenizer, *, data_dir: Path, max_len: int, max_new_tokens: int,
                      per_kind: int) -> tuple[list[str], dict]:
     """Few-shot prompts for a base LM and what was used (demonstrations, prefix tokens)."""
     demos = eval_metrics.select_demonstrations(
@@ -136,7 +135,7 @@ def evaluate_policies(workdirs: Mapping[str, str | Path], *, data_dir: str | Pat
         entry: dict = {"workdir": str(workdir), "prompted": name in prompted}
         prompts = [t["prompt"] for t in tasks]
         if name in prompted:
-            prompts, entry["few_shot"] = _prompted_inputs(
+            prompts, entry["few_shot"] = prompted_inputs(
                 tasks, tokenizer, data_dir=data_dir, max_len=model.cfg.max_len,
                 max_new_tokens=max_new_tokens, per_kind=few_shot_per_kind)
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,

@@ -100,6 +100,7 @@ class PPOConfig:
     log_every: int = 5
     checkpoint_every: int = 20
     keep_checkpoints: int = 2
+    allow_config_change: bool = False  # see TrainConfig
 
     def __post_init__(self):
         def require(ok, message):

@@ -4,8 +4,6 @@ the jitted iteration of `ppo.py`, checkpoints whose `params` are the policy."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +24,13 @@ from instructjax.rlhf.ppo import (VALUE_MODEL_CONFIG_FILE, PPOConfig, abstract_p
                                   init_ppo_state, make_optimizer, make_ppo_iteration,
                                   rl_model_config)
 from instructjax.train import checkpoint as ckpt_lib, loop, state as state_lib
+from instructjax.train import workdir as wd
 from instructjax.train.metrics import MetricsWriter
 
 
 def load_value_model(workdir: str | Path, mesh: Mesh):
     """(value model, value params) of a PPO workdir's latest checkpoint."""
-    cfg = ModelConfig(**json.loads((Path(workdir) / VALUE_MODEL_CONFIG_FILE).read_text()))
-    model = Transformer(cfg, head="scalar")
+    model = Transformer(wd.load_model_config(workdir, VALUE_MODEL_CONFIG_FILE), head="scalar")
     abstract, _ = state_lib.abstract_params(model, mesh)
     return model, ckpt_lib.restore_params(workdir, abstract, field="value_params")
 
@@ -42,25 +40,8 @@ def rollout_models(policy: Transformer, value: Transformer, reward_from: str | P
     """The rollout's models: the value model's module also runs the frozen reward model,
     whose score is read as it was trained (the read recorded in `reward_from`); the value
     model itself stays per-token."""
-    from instructjax.train.run import load_reward_read
     return rollout_lib.RolloutModels(policy=policy, value=value, reward=value,
-                                     reward_read=load_reward_read(reward_from))
-
-
-def _copy_run_files(cfg: PPOConfig, policy_cfg: ModelConfig, value_cfg: ModelConfig,
-                    argv: list[str], reward_read: str) -> None:
-    from instructjax.train.run import MODEL_CONFIG_FILE, TOKENIZER_FILE, library_versions
-    workdir = Path(cfg.workdir)
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(Path(cfg.policy_from) / TOKENIZER_FILE, workdir / TOKENIZER_FILE)
-    ckpt_lib.write_json_atomic(workdir / "run_config.json", {
-        "config": dataclasses.asdict(cfg), "reward_read": reward_read, "argv": list(argv),
-        "versions": library_versions(),
-        "devices": [str(d) for d in jax.devices()[:8]], "device_count": jax.device_count(),
-        "process_count": jax.process_count()})
-    ckpt_lib.write_json_atomic(workdir / MODEL_CONFIG_FILE, dataclasses.asdict(policy_cfg))
-    ckpt_lib.write_json_atomic(workdir / VALUE_MODEL_CONFIG_FILE, dataclasses.asdict(value_cfg))
+                                     reward_read=wd.load_reward_read(reward_from))
 
 
 class PPOMetricsWriter(MetricsWriter):
@@ -153,12 +134,8 @@ def _check_sizes(cfg: PPOConfig, mesh: Mesh, policy_cfg: ModelConfig, value_cfg:
 
 
 def _same_tokenizer(cfg: PPOConfig) -> None:
-    from instructjax.train.run import TOKENIZER_FILE
-    mine, theirs = Path(cfg.policy_from) / TOKENIZER_FILE, Path(cfg.reward_from) / TOKENIZER_FILE
-    for path in (mine, theirs):
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: is {path.parent} the workdir of a "
-                                    "finished run?")
+    mine = wd.tokenizer_of(cfg.policy_from, "--policy_from")
+    theirs = wd.tokenizer_of(cfg.reward_from, "--reward_from")
     if mine.read_bytes() != theirs.read_bytes():
         raise ConfigError(f"--policy_from and --reward_from use different tokenizers ({mine} vs "
                           f"{theirs}); the reward model must read the policy's tokens")
@@ -166,21 +143,32 @@ def _same_tokenizer(cfg: PPOConfig) -> None:
 
 def train_ppo(cfg: PPOConfig, argv: list[str] = ()) -> dict[str, float]:
     """Runs (or resumes) PPO / PPO-ptx; returns the last iteration's metrics."""
-    from instructjax.train.run import TOKENIZER_FILE, load_model_config
+    wd.require_role(cfg.policy_from, "lm", "--policy_from")
+    wd.require_role(cfg.reward_from, "reward", "--reward_from")
     _same_tokenizer(cfg)
-    policy_cfg = load_model_config(cfg.policy_from)
-    value_cfg = load_model_config(cfg.reward_from)
+    policy_cfg = wd.load_model_config(cfg.policy_from)
+    value_cfg = wd.load_model_config(cfg.reward_from)
     mesh = parallel.make_mesh(cfg.mesh)
-    tokenizer = Tokenizer.load(Path(cfg.policy_from) / TOKENIZER_FILE)
+    tokenizer = Tokenizer.load(Path(cfg.policy_from) / wd.TOKENIZER_FILE)
     _check_sizes(cfg, mesh, policy_cfg, value_cfg, tokenizer)
-    inputs = rollout_lib.make_inputs(cfg, tokenizer)
+    reward_read = wd.load_reward_read(cfg.reward_from)
+    files = {wd.MODEL_CONFIG_FILE: dataclasses.asdict(policy_cfg),
+             VALUE_MODEL_CONFIG_FILE: dataclasses.asdict(value_cfg)}
+    with wd.open_run(cfg.workdir, cfg, argv, total_steps=cfg.iterations, files=files,
+                     allow_config_change=cfg.allow_config_change,
+                     record_extra={"reward_read": reward_read}) as run:
+        wd.copy_tokenizer(cfg.policy_from, cfg.workdir, "--policy_from")
+        return _train(cfg, run, mesh, tokenizer, policy_cfg, value_cfg)
 
+
+def _train(cfg: PPOConfig, run: wd.Run, mesh: Mesh, tokenizer: Tokenizer,
+           policy_cfg: ModelConfig, value_cfg: ModelConfig) -> dict[str, float]:
+    inputs = rollout_lib.make_inputs(cfg, tokenizer)
     policy = Transformer(rl_model_config(policy_cfg, compute_dtype=cfg.compute_dtype,
                                          remat=cfg.remat))
     value = Transformer(rl_model_config(value_cfg, compute_dtype=cfg.compute_dtype,
                                         remat=cfg.remat), head="scalar")
     models = rollout_models(policy, value, cfg.reward_from)
-    _copy_run_files(cfg, policy_cfg, value_cfg, list(argv), models.reward_read)
     rollout_cfg = cfg.rollout_config(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     tx, schedule = make_optimizer(cfg)
     abstract, shardings = abstract_ppo_state(policy, value, tx, mesh, cfg.init_kl_coef)
@@ -222,6 +210,5 @@ def train_ppo(cfg: PPOConfig, argv: list[str] = ()) -> dict[str, float]:
         checkpointer.close()
     final = {f"train/{k}": v for k, v in
              reduce_metrics(jax.device_get(last.get("metrics", {}))).items()}
-    ckpt_lib.write_json_atomic(Path(cfg.workdir) / "final_eval.json",
-                               {"step": int(state.step), **final})
+    run.finish(int(state.step), final)
     return final

@@ -38,7 +38,7 @@ from instructjax.rlhf import eval_metrics
 from instructjax.rlhf.evaluate import labeler_noise
 from instructjax.rlhf.generate import generate
 from instructjax.sampling import SamplingConfig
-from instructjax.train.run import load_reward_read, load_trained
+from instructjax.train.workdir import load_reward_read, load_trained
 
 Judge = Callable[[dict, str], float]
 JUDGES: dict[str, Judge] = {
@@ -98,7 +98,7 @@ def reward_scores(reward, prompts: Sequence[str], responses: Sequence[str], *, m
     (rl_ops.read_reward) from the rows prompt + response + EOS: 'eos' = at the last real
     token, 'pooled' = also averaged over the response and EOS (a prompt cut at seq_len
     leaves the last token as the response). reward = (model with the scalar head, params,
-    tokenizer); `read` as recorded in its workdir (train.run.load_reward_read)."""
+    tokenizer); `read` as recorded in its workdir (train.workdir.load_reward_read)."""
     rows = _forward(reward, prompts, responses, mesh=mesh, seq_len=seq_len,
                     per_token=_scalar_values)
     if not rows:

@@ -80,7 +80,7 @@ class RolloutConfig:
 class RolloutModels:
     """The four models' modules. `score_fn` replaces the reward model's score (toy rewards
     in tests, programmatic rewards); None means `reward_model_score`, read as `reward_read`
-    (the read the reward model was trained with: train.run.load_reward_read)."""
+    (the read the reward model was trained with: train.workdir.load_reward_read)."""
     policy: Transformer
     value: Transformer
     reward: Transformer

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 from pathlib import Path
 
 import jax
@@ -24,11 +23,11 @@ from instructjax.config import ConfigError, DataConfig, OptimConfig, TrainConfig
 from instructjax.data import builders, pairs as pairs_lib, shards
 from instructjax.data.tokenizer import Tokenizer
 from instructjax.losses import (DPOLossConfig, Objective, dpo_loss, dpo_sequence_logps,
-                                make_apply, reduce_metrics)
+                                make_apply)
 from instructjax.model.transformer import Transformer
 from instructjax.train import checkpoint as ckpt_lib, loop, state as state_lib, step as step_lib
-from instructjax.train import run as run_lib
-from instructjax.train.metrics import MetricsWriter
+from instructjax.train import run as run_lib, workdir as wd
+from instructjax.train.metrics import MetricSums, MetricsWriter
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -77,24 +76,6 @@ def comparison_files(cfg: DPOConfig) -> dict:
     return run_lib.comparison_files(cfg.data.data_dir)
 
 
-def _write_run_files(cfg: DPOConfig, model_cfg, argv: list[str]) -> Tokenizer:
-    from instructjax.train.run import MODEL_CONFIG_FILE, TOKENIZER_FILE, library_versions
-    source = Path(cfg.init_from) / TOKENIZER_FILE
-    if not source.exists():
-        raise FileNotFoundError(f"{source} not found: is --init_from={cfg.init_from} the "
-                                "workdir of a finished SFT run?")
-    workdir = Path(cfg.workdir)
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, workdir / TOKENIZER_FILE)
-    ckpt_lib.write_json_atomic(workdir / "run_config.json", {
-        "config": dataclasses.asdict(cfg), "argv": list(argv), "versions": library_versions(),
-        "devices": [str(d) for d in jax.devices()[:8]], "device_count": jax.device_count(),
-        "process_count": jax.process_count()})
-    ckpt_lib.write_json_atomic(workdir / MODEL_CONFIG_FILE, dataclasses.asdict(model_cfg))
-    return Tokenizer.load(source)
-
-
 def make_add_reference(apply, mesh, params_shardings):
     """(ref_params, batch) -> batch + ref_chosen_logp_B / ref_rejected_logp_B, jitted. The
     reference runs deterministic and in float32 log-probs, like the policy in dpo_loss."""
@@ -139,7 +120,6 @@ class DPOMetricsWriter(MetricsWriter):
 def train_dpo(cfg: DPOConfig, argv: list[str] = ()) -> dict[str, float]:
     """Runs (or resumes) DPO; returns the final held-out metrics (also in final_eval.json)."""
     from instructjax.rlhf.ppo import rl_model_config
-    from instructjax.train.run import load_model_config
     mesh = parallel.make_mesh(cfg.mesh)
     dp = parallel.data_parallel_size(mesh)
     if (cfg.train.batch_size // cfg.train.grad_accum_steps) % dp:
@@ -147,13 +127,14 @@ def train_dpo(cfg: DPOConfig, argv: list[str] = ()) -> dict[str, float]:
                           f"{cfg.train.grad_accum_steps} accumulation steps) must be divisible "
                           f"by the data-parallel size {dp} of --mesh={cfg.mesh}")
     # Dropout off: the policy's log-probs are compared with the deterministic reference's.
-    model_cfg = rl_model_config(load_model_config(cfg.init_from),
+    wd.require_role(cfg.init_from, "lm", "--init_from")
+    model_cfg = rl_model_config(wd.load_model_config(cfg.init_from),
                                 compute_dtype=cfg.compute_dtype, remat=cfg.remat)
     if cfg.train.seq_len > model_cfg.max_len:
         raise ConfigError(f"--seq_len ({cfg.train.seq_len}) exceeds the max_len "
                           f"{model_cfg.max_len} of the --init_from model")
     files = comparison_files(cfg)
-    tokenizer = _write_run_files(cfg, model_cfg, list(argv))
+    tokenizer = Tokenizer.load(wd.tokenizer_of(cfg.init_from, "--init_from"))
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the "
                           f"--init_from model's vocab_size is {model_cfg.vocab_size}")
@@ -171,6 +152,15 @@ def train_dpo(cfg: DPOConfig, argv: list[str] = ()) -> dict[str, float]:
         train_cfg = dataclasses.replace(train_cfg, steps=steps)
     logging.info("DPO on %s (train) and %s (eval): %d steps of %d pairs", train_pairs,
                  eval_pairs, train_cfg.steps, train_cfg.batch_size)
+    with wd.open_run(cfg.workdir, cfg, argv, total_steps=train_cfg.steps,
+                     allow_config_change=cfg.train.allow_config_change,
+                     files={wd.MODEL_CONFIG_FILE: dataclasses.asdict(model_cfg)}) as run:
+        wd.copy_tokenizer(cfg.init_from, cfg.workdir, "--init_from")
+        return _train(cfg, run, mesh, tokenizer, model_cfg, train_cfg, train_pairs, eval_pairs)
+
+
+def _train(cfg: DPOConfig, run: wd.Run, mesh, tokenizer: Tokenizer, model_cfg, train_cfg,
+           train_pairs, eval_pairs) -> dict[str, float]:
 
     num_shards = shards.resolve(cfg.data.data_shards)
     common = dict(seq_len=train_cfg.seq_len, shard_count=num_shards,
@@ -222,14 +212,11 @@ def train_dpo(cfg: DPOConfig, argv: list[str] = ()) -> dict[str, float]:
     def evaluate(params) -> dict[str, float]:
         if last_eval.get("params") is params:  # the loop's final eval: not run twice
             return last_eval["metrics"]
-        totals: dict[str, list[float]] = {}
+        sums = MetricSums()
         for batch in eval_batches:
-            for name, (total, weight) in jax.device_get(eval_step(params, batch)).items():
-                acc = totals.setdefault(name, [0.0, 0.0])
-                acc[0] += float(total)
-                acc[1] += float(weight)
-        out = {f"eval/{k}": v for k, v in reduce_metrics(totals).items() if k != "tokens"}
-        out["eval/pairs"] = totals["loss"][1]
+            sums.add(eval_step(params, batch))
+        out = sums.means(prefix="eval/")
+        out["eval/pairs"] = sums.weight("loss")
         last_eval.update(params=params, metrics=out)
         return out
 
@@ -245,7 +232,6 @@ def train_dpo(cfg: DPOConfig, argv: list[str] = ()) -> dict[str, float]:
     finally:
         writer.close()
         checkpointer.close()
-    ckpt_lib.write_json_atomic(Path(cfg.workdir) / "final_eval.json", {
-        "step": int(state.step), **final, "train_pairs": len(train_pairs), "pairs": cfg.pairs,
-        "beta": cfg.beta})
+    run.finish(int(state.step), {**final, "train_pairs": len(train_pairs), "pairs": cfg.pairs,
+                                 "beta": cfg.beta})
     return final

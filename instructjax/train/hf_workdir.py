@@ -22,8 +22,9 @@ from instructjax.model import hf
 from instructjax.model.config import ModelConfig
 from instructjax.model.transformer import Transformer
 from instructjax.train import checkpoint as ckpt_lib, state as state_lib
-from instructjax.train.run import (MODEL_CONFIG_FILE, RUNTIME_FIELDS, TOKENIZER_FILE,
-                                   library_versions, load_model_config)
+from instructjax.train.run import RUNTIME_FIELDS
+from instructjax.train.workdir import (MODEL_CONFIG_FILE, TOKENIZER_FILE, library_versions,
+                                       load_model_config)
 
 DIRECTIONS = ("ours", "hf")
 MODEL_FLAGS_FILE = "model.flags"
@@ -40,6 +41,7 @@ class ConvertConfig:
     tokenizer_path: str = ""  # a sentencepiece model to use instead of hf_dir's
     require_tokenizer: bool = True
     max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES
+    overwrite: bool = False  # --to=hf: replace a non-empty hf_dir
 
     def __post_init__(self):
         if self.to not in DIRECTIONS:
@@ -111,6 +113,10 @@ def import_to_workdir(cfg: ConvertConfig, argv: list[str] = ()) -> ModelConfig:
 
 def export_workdir(cfg: ConvertConfig) -> Path:
     """The latest params of a finished LM run (or an imported workdir) -> hf_dir."""
+    out_dir = Path(cfg.hf_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not cfg.overwrite:
+        raise ConfigError(f"--hf_dir={cfg.hf_dir} is not empty: choose a new directory, or add "
+                          "--overwrite to replace it (only once the new checkpoint is complete)")
     model_cfg = load_model_config(cfg.workdir)
     mesh = parallel.make_mesh(cfg.mesh)
     abstract, _ = state_lib.abstract_params(Transformer(model_cfg), mesh)

@@ -2,9 +2,10 @@
 
 Resumes from the workdir's latest checkpoint (state, data-iterator position; the RNG is
 `fold_in(seed_key, step)` inside the step, so a resumed run is bit-identical to an
-uninterrupted one). SIGTERM (or, across hosts, JAX's preemption notice) saves and exits at
-the next step boundary. A non-finite loss stops the run before anything is saved, so the
-last good checkpoint stays intact.
+uninterrupted one). SIGTERM or SIGINT (or, across hosts, JAX's preemption notice) saves at
+the next step boundary and raises workdir.RunStopped, so a stopped run never looks finished;
+a second SIGINT stops at once. A non-finite loss stops the run before anything is saved, so
+the last good checkpoint stays intact.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from instructjax import parallel
 from instructjax.config import TrainConfig
 from instructjax.losses import reduce_metrics
 from instructjax.train.checkpoint import Checkpointer
-from instructjax.train.metrics import MetricsWriter, peak_flops_per_device
+from instructjax.train.metrics import MetricSums, MetricsWriter, peak_flops_per_device
+from instructjax.train.workdir import RunStopped
 
 
 class NonFiniteLossError(RuntimeError):
@@ -31,24 +33,29 @@ class NonFiniteLossError(RuntimeError):
 
 
 class _StopRequest:
-    """Turns SIGTERM into a flag checked at step boundaries (single-process runs).
+    """Turns SIGTERM / SIGINT into a flag checked at step boundaries (single-process runs);
+    the signal's own behaviour comes back after the first, so a second Ctrl-C interrupts.
 
     Multi-process runs use JAX's preemption sync point instead, which makes every
     process stop at the same step.
     """
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous = {}
         if jax.process_count() == 1:
             try:
-                self._previous = signal.signal(signal.SIGTERM, self._handle)
+                self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
             except ValueError:  # not the main thread: leave signals alone
-                self._previous = None
+                self._previous = {}
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint at the end of this step")
+        logging.warning("%s received: saving a checkpoint at the end of this step (again to "
+                        "stop at once)", signal.Signals(signum).name)
         self.requested = True
+        self.restore()
 
     def check(self, step: int) -> bool:
         if jax.process_count() > 1:
@@ -60,8 +67,9 @@ class _StopRequest:
         return self.requested
 
     def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
 
 def resume_or_init(checkpointer: Checkpointer, abstract_state: Any, init: Callable[[], Any],
@@ -83,7 +91,7 @@ def train_loop(state, *, cfg: TrainConfig, train_step: Callable, base_rng: jax.A
     step = int(state.step)
     stop = _StopRequest()
     peak = peak_flops_per_device(cfg.peak_flops_per_device) * jax.device_count()
-    window_sums: dict[str, list[float]] = {}
+    window = MetricSums()
     window_start, window_steps = time.time(), 0
     try:
         while step < cfg.steps:
@@ -104,16 +112,13 @@ def train_loop(state, *, cfg: TrainConfig, train_step: Callable, base_rng: jax.A
                     f"step {step}: training loss is {loss}. Stopped without saving; the last good "
                     f"checkpoint (step {last}) in {checkpointer.directory} is intact. Try a lower "
                     "--learning_rate, more --warmup_steps or --grad_clip_norm.")
-            for name, (total, weight) in metrics.items():
-                acc = window_sums.setdefault(name, [0.0, 0.0])
-                acc[0] += float(total)
-                acc[1] += float(weight)
+            window.add(metrics)
             window_steps += 1
 
             if step % cfg.log_every == 0 or step == cfg.steps:
                 elapsed = max(time.time() - window_start, 1e-9)
-                out = {f"train/{k}": s / w if w else float("nan") for k, (s, w) in window_sums.items()}
-                tokens = window_sums.get("tokens", [0.0])[0]
+                out = window.means(prefix="train/")
+                tokens = window.total("tokens")
                 out["train/tokens_per_sec"] = tokens / elapsed
                 out["train/steps_per_sec"] = window_steps / elapsed
                 if flops_per_token:
@@ -121,10 +126,9 @@ def train_loop(state, *, cfg: TrainConfig, train_step: Callable, base_rng: jax.A
                     out["train/tflops_per_sec"] = achieved / 1e12
                     if peak:
                         out["train/mfu"] = achieved / peak
-                out.pop("train/tokens", None)
                 writer.write(step, out)
                 writer.progress(step, out)
-                window_sums, window_start, window_steps = {}, time.time(), 0
+                window, window_start, window_steps = MetricSums(), time.time(), 0
 
             if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 eval_metrics = evaluate(state.params)
@@ -136,10 +140,8 @@ def train_loop(state, *, cfg: TrainConfig, train_step: Callable, base_rng: jax.A
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
                 checkpointer.save(step, state, {"data_iter": data_iter.get_state()})
                 window_start = time.time()
-            if stopping:
-                logging.warning("stopped at step %d after a termination request; "
-                                "rerun the same command to resume", step)
-                break
+            if stopping and step < cfg.steps:
+                raise RunStopped(checkpointer.directory.parent, step, cfg.steps)
     finally:
         stop.restore()
     return state

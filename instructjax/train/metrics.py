@@ -14,6 +14,31 @@ from pathlib import Path
 import jax
 from absl import logging
 
+class MetricSums:
+    """Running totals of an objective's (sum, weight) metric pairs (losses.py contract) over
+    steps or eval batches; `means()` divides at the end, so every mean is exact."""
+
+    def __init__(self):
+        self.totals: dict[str, list[float]] = {}
+
+    def add(self, metrics) -> MetricSums:
+        for name, (total, weight) in jax.device_get(metrics).items():
+            acc = self.totals.setdefault(name, [0.0, 0.0])
+            acc[0] += float(total)
+            acc[1] += float(weight)
+        return self
+
+    def total(self, name: str) -> float:
+        return self.totals.get(name, [0.0, 0.0])[0]
+
+    def weight(self, name: str) -> float:
+        return self.totals.get(name, [0.0, 0.0])[1]
+
+    def means(self, prefix: str = "", drop: tuple[str, ...] = ("tokens",)) -> dict[str, float]:
+        return {f"{prefix}{k}": s / w if w else float("nan")
+                for k, (s, w) in self.totals.items() if k not in drop}
+
+
 # Peak dense bf16 FLOP/s per chip, for MFU when --peak_flops_per_device is not given.
 KNOWN_PEAK_FLOPS = {
     "TPU v4": 275e12,

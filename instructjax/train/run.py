@@ -11,69 +11,30 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 import shutil
-import sys
-from importlib import metadata
 from pathlib import Path
+
 import jax
 from absl import logging
 
 from instructjax import parallel
 from instructjax.config import ConfigError, DataConfig, RunConfig
 from instructjax.data import builders, comparison_packing, pipeline, shards
-from instructjax.data.jsonl import read_jsonl
+from instructjax.data.jsonl import DataError, read_jsonl
 from instructjax.data.tokenizer import Tokenizer, train_tokenizer
 from instructjax.losses import (LMLossConfig, Objective, RankingLossConfig, lm_loss, make_apply,
-                                reduce_metrics, reward_ranking_loss)
-from instructjax.model.config import ModelConfig
+                                reward_ranking_loss)
 from instructjax.model.transformer import Transformer
 from instructjax.train import checkpoint as ckpt_lib
-from instructjax.train import loop, state as state_lib, step as step_lib
-from instructjax.train.metrics import MetricsWriter
-
-LIBRARIES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-datasets",
-             "grain", "sentencepiece", "absl-py", "numpy")
-TOKENIZER_FILE = "tokenizer.model"
-MODEL_CONFIG_FILE = "model_config.json"
-REWARD_CONFIG_FILE = "reward_config.json"  # a reward model's {"read": rl_ops.read_reward mode}
+from instructjax.train import loop, state as state_lib, step as step_lib, workdir as wd
+from instructjax.train.metrics import MetricSums, MetricsWriter
 
 
-def library_versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0]}
-    for name in LIBRARIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def write_run_record(cfg: RunConfig, argv: list[str]) -> None:
-    """The resolved config, argv and library versions, for reproducibility."""
-    workdir = Path(cfg.workdir)
-    ckpt_lib.write_json_atomic(workdir / "run_config.json", {
-        "config": dataclasses.asdict(cfg), "argv": list(argv), "versions": library_versions(),
-        "devices": [str(d) for d in jax.devices()[:8]], "device_count": jax.device_count(),
-        "process_count": jax.process_count()})
-    ckpt_lib.write_json_atomic(workdir / MODEL_CONFIG_FILE, dataclasses.asdict(cfg.model))
-    if cfg.task == "reward":
-        ckpt_lib.write_json_atomic(workdir / REWARD_CONFIG_FILE, {"read": cfg.rm_read})
-
-
-def load_reward_read(workdir: str | Path) -> str:
-    """How the reward model in `workdir` was trained to be read ('eos' or 'pooled', see
-    rl_ops.read_reward), so PPO and the analysis read it the same way. Workdirs written
-    before the read was recorded (no reward_config.json) were trained with 'eos'."""
-    path = Path(workdir) / REWARD_CONFIG_FILE
-    return json.loads(path.read_text())["read"] if path.exists() else "eos"
-
-
-def _check_reward_read(cfg: RunConfig) -> None:
+def check_reward_read(cfg: RunConfig) -> None:
     """A reward run resumed with another --rm_read would mix two objectives in one model."""
-    if not (Path(cfg.workdir) / REWARD_CONFIG_FILE).exists():
+    if not (Path(cfg.workdir) / wd.REWARD_CONFIG_FILE).exists():
         return
-    recorded = load_reward_read(cfg.workdir)
+    recorded = wd.load_reward_read(cfg.workdir)
     if recorded != cfg.rm_read:
         raise ConfigError(f"--rm_read={cfg.rm_read}, but {cfg.workdir} was trained with "
                           f"--rm_read={recorded}; use that or a new --workdir")
@@ -113,13 +74,17 @@ def dataset_files(cfg: RunConfig) -> builders.Files:
 
 def resolve_tokenizer(cfg: RunConfig, files: builders.Files) -> Tokenizer:
     """--tokenizer_path, else init_from's tokenizer, else this workdir's, else train one."""
-    own = Path(cfg.workdir) / TOKENIZER_FILE
+    own = Path(cfg.workdir) / wd.TOKENIZER_FILE
     for candidate in (cfg.data.tokenizer_path,
-                      cfg.init_from and str(Path(cfg.init_from) / TOKENIZER_FILE)):
+                      cfg.init_from and str(Path(cfg.init_from) / wd.TOKENIZER_FILE)):
         if candidate:
             if not Path(candidate).exists():
                 raise FileNotFoundError(f"tokenizer {candidate} does not exist (from "
                                         "--tokenizer_path or --init_from)")
+            if (own.exists() and wd.has_checkpoints(cfg.workdir)
+                    and Path(candidate).read_bytes() != own.read_bytes()):
+                raise ConfigError(f"{candidate} is not the tokenizer {cfg.workdir} was trained "
+                                  f"with ({own}); use that one or a new --workdir")
             if jax.process_index() == 0 and Path(candidate).absolute() != own.absolute():
                 own.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(candidate, own)
@@ -134,25 +99,20 @@ def resolve_tokenizer(cfg: RunConfig, files: builders.Files) -> Tokenizer:
         logging.info("training a %d-token sentencepiece model on %s", cfg.data.vocab_size,
                      ", ".join(map(str, paths)))
         try:
-            return train_tokenizer(texts, own, vocab_size=cfg.data.vocab_size,
-                                   whitespace_runs=cfg.data.whitespace_runs)
+            tokenizer = train_tokenizer(texts, own, vocab_size=cfg.data.vocab_size,
+                                        whitespace_runs=cfg.data.whitespace_runs)
+        except DataError:  # the text's fault, reported as file:line
+            raise
         except ValueError as e:
             raise ConfigError(f"--vocab_size={cfg.data.vocab_size}: {e}") from None
+        if tokenizer.vocab_size != cfg.data.vocab_size:
+            # The model would sample ids the tokenizer cannot decode.
+            own.unlink()
+            raise ConfigError(f"--vocab_size={cfg.data.vocab_size}: the training text gave only "
+                              f"{tokenizer.vocab_size} tokenizer pieces; rerun with "
+                              f"--vocab_size={tokenizer.vocab_size} (or more text)")
+        return tokenizer
     return Tokenizer.load(own)
-
-
-def load_model_config(workdir: str | Path) -> ModelConfig:
-    path = Path(workdir) / MODEL_CONFIG_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {workdir} the workdir of a finished run?")
-    return ModelConfig(**json.loads(path.read_text()))
-
-
-def load_trained(workdir: str | Path, mesh, *, head: str = "lm"):
-    """(model, params, tokenizer) of a finished run, params sharded onto `mesh`."""
-    model = Transformer(load_model_config(workdir), head=head)
-    params = ckpt_lib.restore_params(workdir, state_lib.abstract_params(model, mesh)[0])
-    return model, params, Tokenizer.load(Path(workdir) / TOKENIZER_FILE)
 
 
 SCALAR_HEAD = "scalar_head"
@@ -222,37 +182,53 @@ def _datasets(cfg: RunConfig, tokenizer: Tokenizer, files: dict[str, str]):
 RUNTIME_FIELDS = ("compute_dtype", "remat", "dropout_rate")  # may differ from --init_from's
 
 
-def _check_init_from_model(cfg: RunConfig) -> None:
+def check_init_from_model(cfg: RunConfig) -> None:
     """The model built from --model/--model_override must be the one --init_from trained."""
-    theirs = dataclasses.asdict(load_model_config(cfg.init_from))
+    theirs = dataclasses.asdict(wd.load_model_config(cfg.init_from))
     ours = dataclasses.asdict(cfg.model)
     differ = [f"{k}={ours[k]} (theirs {theirs.get(k)})" for k in ours
               if k not in RUNTIME_FIELDS and ours[k] != theirs.get(k)]
     if differ:
         raise ConfigError(f"the model of --model/--model_override/--vocab_size differs from the "
                           f"--init_from={cfg.init_from} model in {', '.join(differ)}: set those "
-                          f"flags to match {Path(cfg.init_from) / MODEL_CONFIG_FILE}")
+                          f"flags to match {Path(cfg.init_from) / wd.MODEL_CONFIG_FILE}")
+
+
+def run_files(cfg: RunConfig) -> dict[str, dict]:
+    """The JSON files of the workdir that describe the trained model."""
+    files = {wd.MODEL_CONFIG_FILE: dataclasses.asdict(cfg.model)}
+    if cfg.task == "reward":
+        files[wd.REWARD_CONFIG_FILE] = {"read": cfg.rm_read}
+    return files
 
 
 def train_lm(cfg: RunConfig, argv: list[str] = ()) -> dict[str, float]:
     """Runs (or resumes) pretraining, SFT or reward modelling; returns the final eval metrics."""
     if cfg.init_from:
-        _check_init_from_model(cfg)
+        wd.require_role(cfg.init_from, "lm", "--init_from")
+        check_init_from_model(cfg)
     mesh = parallel.make_mesh(cfg.mesh)
     dp = parallel.data_parallel_size(mesh)
     if (cfg.train.batch_size // cfg.train.grad_accum_steps) % dp:
         raise ConfigError(f"the micro-batch ({cfg.train.batch_size} / {cfg.train.grad_accum_steps}"
                          f" accumulation steps) must be divisible by the data-parallel size {dp} "
                          f"of --mesh={cfg.mesh}")
-    files = dataset_files(cfg)
-    tokenizer = resolve_tokenizer(cfg, files)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
-                         f"vocab_size is {cfg.model.vocab_size}; raise --vocab_size")
     reward = cfg.task == "reward"
     if reward:
-        _check_reward_read(cfg)
-    write_run_record(cfg, list(argv))
+        check_reward_read(cfg)
+    with wd.open_run(cfg.workdir, cfg, argv, total_steps=cfg.train.steps,
+                     allow_config_change=cfg.train.allow_config_change,
+                     files=run_files(cfg)) as run:
+        data_files = dataset_files(cfg)
+        tokenizer = resolve_tokenizer(cfg, data_files)
+        if tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                              f"vocab_size is {cfg.model.vocab_size}; raise --vocab_size")
+        return _train(cfg, run, mesh, tokenizer, data_files)
+
+
+def _train(cfg: RunConfig, run: wd.Run, mesh, tokenizer: Tokenizer, files) -> dict[str, float]:
+    reward = cfg.task == "reward"
 
     model = Transformer(cfg.model, head="scalar" if reward else "lm")
     apply = make_apply(model)
@@ -288,14 +264,10 @@ def train_lm(cfg: RunConfig, argv: list[str] = ()) -> dict[str, float]:
                                         params_shardings=shardings.params)
 
     def evaluate(params, batches=eval_batches) -> dict[str, float]:
-        totals: dict[str, list[float]] = {}
+        sums = MetricSums()
         for batch in batches:
-            metrics = jax.device_get(eval_step(params, parallel.global_batch(batch, mesh)))
-            for name, (total, weight) in metrics.items():
-                acc = totals.setdefault(name, [0.0, 0.0])
-                acc[0] += float(total)
-                acc[1] += float(weight)
-        return {f"eval/{k}": v for k, v in reduce_metrics(totals).items() if k != "tokens"}
+            sums.add(eval_step(params, parallel.global_batch(batch, mesh)))
+        return sums.means(prefix="eval/")
 
     writer = MetricsWriter(cfg.workdir, total_steps=cfg.train.steps)
     try:
@@ -309,6 +281,5 @@ def train_lm(cfg: RunConfig, argv: list[str] = ()) -> dict[str, float]:
     finally:
         writer.close()
         checkpointer.close()
-    ckpt_lib.write_json_atomic(Path(cfg.workdir) / "final_eval.json",
-                               {"step": int(state.step), **final})
+    run.finish(int(state.step), final)
     return final
