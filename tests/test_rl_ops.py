@@ -268,3 +268,57 @@ def test_packed_read_reward_vs_loop():
     np.testing.assert_allclose(rl_ops.packed_read_reward(values, end, None, "eos"), flat[end])
     off = rl_ops.packed_read_reward(values, end, start + 1, "pooled")  # one token short
     assert not np.allclose(off, want, rtol=1e-5)
+
+
+# --- value-free advantage estimators against Python loops -------------------------------
+
+def _loop_grpo(rewards, g, scale):
+    out = []
+    for start in range(0, len(rewards), g):
+        group = rewards[start:start + g]
+        mean = sum(group) / g
+        std = (sum((r - mean) ** 2 for r in group) / (g - 1)) ** 0.5
+        out += [(r - mean) / (std + 1e-6) if scale else r - mean for r in group]
+    return out
+
+
+def _loop_rloo(rewards, g):
+    out = []
+    for start in range(0, len(rewards), g):
+        group = rewards[start:start + g]
+        out += [r - (sum(group) - r) / (g - 1) for r in group]
+    return out
+
+
+@pytest.mark.parametrize("group_size", [2, 4])
+def test_group_estimators_match_python_loops(group_size):
+    rewards = np.random.default_rng(group_size).normal(size=4 * group_size).tolist()
+    for scale in (True, False):
+        np.testing.assert_allclose(
+            rl_ops.group_relative_advantages(np.asarray(rewards), group_size, scale_by_std=scale),
+            _loop_grpo(rewards, group_size, scale), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rl_ops.leave_one_out_advantages(np.asarray(rewards), group_size),
+                               _loop_rloo(rewards, group_size), rtol=1e-5, atol=1e-6)
+
+
+def test_a_group_of_identical_rewards_has_zero_advantage():
+    rewards = np.asarray([0.7] * 4 + [1.0, 2.0, 3.0, 4.0], np.float32)
+    for advantages in (rl_ops.group_relative_advantages(rewards, 4),
+                       rl_ops.group_relative_advantages(rewards, 4, scale_by_std=False),
+                       rl_ops.leave_one_out_advantages(rewards, 4)):
+        np.testing.assert_array_equal(np.asarray(advantages)[:4], 0.0)
+        assert np.all(np.diff(np.asarray(advantages)[4:]) > 0)
+    with pytest.raises(ValueError, match="group_size must be >= 2 and divide the batch 8"):
+        rl_ops.group_relative_advantages(rewards, 3)
+
+
+def test_running_baseline_and_token_broadcast():
+    adv, b = rl_ops.running_baseline_advantages(np.asarray([1.0, 3.0]), np.nan, decay=0.5)
+    np.testing.assert_allclose(adv, [-1.0, 1.0])
+    assert float(b) == pytest.approx(2.0)  # the first batch's mean
+    adv, b = rl_ops.running_baseline_advantages(np.asarray([4.0, 6.0]), b, decay=0.5)
+    np.testing.assert_allclose(adv, [2.0, 4.0])
+    assert float(b) == pytest.approx(0.5 * 2.0 + 0.5 * 5.0)
+    mask = np.asarray([[1, 1, 0], [1, 0, 0]])
+    np.testing.assert_array_equal(rl_ops.broadcast_to_tokens(np.asarray([2.0, -1.0]), mask),
+                                  [[2.0, 2.0, 0.0], [-1.0, 0.0, 0.0]])

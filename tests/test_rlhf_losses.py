@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from instructjax import losses, parallel
+from instructjax import losses, parallel, rl_losses, rl_ops
 from instructjax.config import OptimConfig
 from instructjax.model.config import preset
 from instructjax.model.transformer import Transformer
@@ -258,7 +258,7 @@ def test_dpo_at_reference_is_log2():
 
 # --------------------------------------------------------------------------- PPO
 
-PV_APPLY = losses.PolicyValueApply(policy=bigram_apply, value=value_apply)
+PV_APPLY = rl_losses.PolicyValueApply(policy=bigram_apply, value=value_apply)
 
 
 def _one_token_case(*, ratio=1.0, adv=0.0, value=0.0, old_value=0.0, ret=0.0):
@@ -287,8 +287,8 @@ def _one_token_case(*, ratio=1.0, adv=0.0, value=0.0, old_value=0.0, ret=0.0):
 ])
 def test_ppo_policy_loss_hand_computed(ratio, adv, want, clipped):
     params, batch = _one_token_case(ratio=ratio, adv=adv)
-    cfg = losses.PPOLossConfig(clip_eps=0.2, vf_coef=0.0)
-    loss_sum, m = jit(losses.ppo_loss)(params, batch, None, apply=PV_APPLY, cfg=cfg)
+    cfg = rl_losses.PPOLossConfig(clip_eps=0.2, vf_coef=0.0)
+    loss_sum, m = jit(rl_losses.ppo_loss)(params, batch, None, apply=PV_APPLY, cfg=cfg)
     assert float(loss_sum) == pytest.approx(want, rel=1e-5)
     assert float(m["loss"][1]) == 1.0
     assert float(m["policy_loss"][0]) == pytest.approx(want, rel=1e-5)
@@ -308,14 +308,14 @@ def test_ppo_policy_loss_hand_computed(ratio, adv, want, clipped):
 ])
 def test_ppo_value_loss_hand_computed(value, old_value, ret, want, clipped):
     params, batch = _one_token_case(value=value, old_value=old_value, ret=ret)
-    cfg = losses.PPOLossConfig(value_clip=0.2, vf_coef=1.0)
-    loss_sum, m = jit(losses.ppo_loss)(params, batch, None, apply=PV_APPLY, cfg=cfg)
+    cfg = rl_losses.PPOLossConfig(value_clip=0.2, vf_coef=1.0)
+    loss_sum, m = jit(rl_losses.ppo_loss)(params, batch, None, apply=PV_APPLY, cfg=cfg)
     assert float(loss_sum) == pytest.approx(want, rel=1e-5)
     assert float(m["value_loss"][0]) == pytest.approx(want, rel=1e-5)
     assert float(m["value_clipfrac"][0]) == float(clipped)
     assert float(m["value_error"][0]) == pytest.approx((value - ret) ** 2, rel=1e-5)
-    unclipped, _ = jit(losses.ppo_loss)(params, batch, None, apply=PV_APPLY,
-                                   cfg=losses.PPOLossConfig(value_clip=None, vf_coef=1.0))
+    unclipped, _ = jit(rl_losses.ppo_loss)(params, batch, None, apply=PV_APPLY,
+                                   cfg=rl_losses.PPOLossConfig(value_clip=None, vf_coef=1.0))
     assert float(unclipped) == pytest.approx(0.5 * (value - ret) ** 2, rel=1e-5)
 
 
@@ -370,13 +370,71 @@ def _pv_params(rng, V=6):
 def test_ppo_loss_vs_token_loop_with_temperature():
     rng = np.random.default_rng(7)
     batch, params = _ppo_batch(rng), _pv_params(rng)
-    cfg = losses.PPOLossConfig(clip_eps=0.2, value_clip=0.2, vf_coef=0.5, temperature=0.7)
-    loss_sum, m = jax.jit(lambda p, bt: losses.ppo_loss(p, bt, None, apply=PV_APPLY, cfg=cfg))(
+    cfg = rl_losses.PPOLossConfig(clip_eps=0.2, value_clip=0.2, vf_coef=0.5, temperature=0.7)
+    loss_sum, m = jax.jit(lambda p, bt: rl_losses.ppo_loss(p, bt, None, apply=PV_APPLY, cfg=cfg))(
         params, batch)
     want, n = _ppo_reference(params, batch, cfg)
     assert np.isfinite(float(loss_sum))
     assert float(loss_sum) == pytest.approx(want, rel=1e-5)
     assert float(m["loss"][1]) == n
+
+
+# --------------------------------------------------------------------------- GRPO
+
+def _grpo_reference(params, batch, cfg):
+    """Token-by-token loop, per row, then aggregated as cfg.aggregate says."""
+    table, tok = params["policy"], batch["tokens_BxT"]
+    rows = []
+    for b in range(tok.shape[0]):
+        terms = []
+        for t in range(1, tok.shape[1]):
+            if not batch["response_mask_BxT"][b, t]:
+                continue
+            logp = np_log_softmax(table[tok[b, t - 1]] / cfg.temperature)[tok[b, t]]
+            ratio = math.exp(logp - batch["old_logprobs_BxT"][b, t])
+            a = batch["advantages_BxT"][b, t]
+            pg = max(-a * ratio, -a * min(max(ratio, 1 - cfg.clip_eps), 1 + cfg.clip_eps))
+            d = batch["ref_logprobs_BxT"][b, t] - logp
+            terms.append(pg + cfg.kl_coef * (math.exp(d) - d - 1))
+        rows.append(terms)
+    if cfg.aggregate == "token":
+        return sum(sum(r) for r in rows), sum(len(r) for r in rows)
+    return sum(sum(r) / len(r) for r in rows if r), sum(1 for r in rows if r)
+
+
+@pytest.mark.parametrize("aggregate", ["token", "sequence"])
+def test_grpo_loss_vs_token_loop(aggregate):
+    rng = np.random.default_rng(11)
+    batch, params = _ppo_batch(rng, B=4), {"policy": _pv_params(rng)["policy"]}
+    resp = batch["response_mask_BxT"] > 0
+    batch["ref_logprobs_BxT"] = np.where(resp, rng.normal(-1.8, 0.3, resp.shape),
+                                         3e4).astype(np.float32)  # garbage off the response
+    # GRPO's advantages are one number per response, on each of its tokens.
+    batch["advantages_BxT"] = np.where(resp, rng.normal(size=(4, 1)), 1e4).astype(np.float32)
+    cfg = rl_losses.GRPOLossConfig(clip_eps=0.2, kl_coef=0.1, aggregate=aggregate,
+                                   temperature=0.8)
+    apply = rl_losses.PolicyValueApply(policy=bigram_apply, value=None)
+    loss_sum, m = jax.jit(lambda p, bt: rl_losses.grpo_loss(p, bt, None, apply=apply, cfg=cfg))(
+        params, batch)
+    want, n = _grpo_reference(params, batch, cfg)
+    assert float(loss_sum) == pytest.approx(want, rel=1e-5)
+    assert float(m["loss"][1]) == n
+    assert float(m["kl_ref"][0]) > 0
+
+
+def test_grpo_at_the_reference_with_zero_advantage_has_zero_loss_and_kl():
+    rng = np.random.default_rng(12)
+    batch, params = _ppo_batch(rng), {"policy": _pv_params(rng)["policy"]}
+    logp = jax.jit(lambda p: rl_ops.response_logprobs(bigram_apply(p, batch["tokens_BxT"], None,
+                                                                   None, None),
+                                                      batch["tokens_BxT"]))(params["policy"])
+    batch.update(old_logprobs_BxT=np.asarray(logp), ref_logprobs_BxT=np.asarray(logp),
+                 advantages_BxT=np.zeros_like(batch["advantages_BxT"]))
+    apply = rl_losses.PolicyValueApply(policy=bigram_apply, value=None)
+    loss_sum, m = rl_losses.grpo_loss(params, batch, None, apply=apply,
+                                      cfg=rl_losses.GRPOLossConfig())
+    assert abs(float(loss_sum)) < 1e-6 and abs(float(m["kl_ref"][0])) < 1e-6
+    assert float(m["ratio"][0]) == pytest.approx(float(m["loss"][1]), rel=1e-6)
 
 
 # --------------------------------------------------------------------------- PPO-ptx
@@ -395,16 +453,16 @@ def test_ppo_ptx_composition_gradients_and_train_step():
     params = jax.tree.map(jnp.asarray, _pv_params(rng))
     batch = {"rollout": _ppo_batch(rng), "ptx": _lm_batch(rng)}
     gamma = 2.5
-    cfg = losses.PPOPtxLossConfig(ppo=losses.PPOLossConfig(vf_coef=0.3), gamma_ptx=gamma)
+    cfg = rl_losses.PPOPtxLossConfig(ppo=rl_losses.PPOLossConfig(vf_coef=0.3), gamma_ptx=gamma)
 
     def ppo_only(p):
-        return losses.ppo_loss(p, batch["rollout"], None, apply=PV_APPLY, cfg=cfg.ppo)
+        return rl_losses.ppo_loss(p, batch["rollout"], None, apply=PV_APPLY, cfg=cfg.ppo)
 
     def ptx_only(policy):
         return losses.lm_loss(policy, batch["ptx"], None, apply=bigram_apply, cfg=cfg.lm)
 
     def combined(p, bt):
-        return losses.ppo_ptx_loss(p, bt, None, apply=PV_APPLY, cfg=cfg)
+        return rl_losses.ppo_ptx_loss(p, bt, None, apply=PV_APPLY, cfg=cfg)
 
     @jax.jit
     def everything(p, bt):
@@ -438,7 +496,7 @@ def test_ppo_ptx_composition_gradients_and_train_step():
     state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                  opt_state=tx.init(params))
     step = step_lib.make_train_step(
-        losses.Objective(losses.ppo_ptx_loss, cfg), apply=PV_APPLY, tx=tx,
+        losses.Objective(rl_losses.ppo_ptx_loss, cfg), apply=PV_APPLY, tx=tx,
         schedule=state_lib.make_schedule(optim, 3), mesh=mesh,
         state_shardings=jax.tree.map(lambda _: parallel.replicated(mesh), state))
     before = jax.device_get(params)
@@ -457,8 +515,8 @@ def test_ppo_ptx_under_gradient_accumulation_is_the_documented_weighting():
     params = _pv_params(rng)
     batch = {"rollout": _ppo_batch(rng, B=4), "ptx": _lm_batch(rng, B=4)}
     gamma = 1.5
-    cfg = losses.PPOPtxLossConfig(gamma_ptx=gamma)
-    objective = losses.Objective(losses.ppo_ptx_loss, cfg)
+    cfg = rl_losses.PPOPtxLossConfig(gamma_ptx=gamma)
+    objective = losses.Objective(rl_losses.ppo_ptx_loss, cfg)
     rows = [np.arange(i, 4, 2) for i in range(2)]  # the step's i::num micro-batch split
 
     @jax.jit
@@ -467,7 +525,7 @@ def test_ppo_ptx_under_gradient_accumulation_is_the_documented_weighting():
         parts = []
         for r in rows:
             sub = jax.tree.map(lambda x: x[r], bt)
-            ppo_sum, pm = losses.ppo_loss(p, sub["rollout"], None, apply=PV_APPLY, cfg=cfg.ppo)
+            ppo_sum, pm = rl_losses.ppo_loss(p, sub["rollout"], None, apply=PV_APPLY, cfg=cfg.ppo)
             ptx_sum, lm_m = losses.lm_loss(p["policy"], sub["ptx"], None, apply=bigram_apply,
                                            cfg=cfg.lm)
             parts.append((ppo_sum, pm["loss"][1], ptx_sum, lm_m["loss"][1]))
@@ -485,17 +543,18 @@ def test_ppo_ptx_under_gradient_accumulation_is_the_documented_weighting():
 
 
 def test_configs_validate_and_are_registered():
-    for name in ("reward_ranking", "dpo", "ppo", "ppo_ptx"):
-        fn, cfg_type = losses.LOSSES[name]
+    for name, fn_cfg in [*((n, losses.LOSSES[n]) for n in ("reward_ranking", "dpo")),
+                         *rl_losses.RL_LOSSES.items()]:
+        fn, cfg_type = fn_cfg
         cfg_type()  # defaults are valid
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(cfg_type(), "x", 1)
     with pytest.raises(ValueError):
-        losses.PPOLossConfig(clip_eps=0.0)
+        rl_losses.PPOLossConfig(clip_eps=0.0)
     with pytest.raises(ValueError):
         losses.DPOLossConfig(beta=-1.0)
     with pytest.raises(ValueError):
-        losses.PPOPtxLossConfig(gamma_ptx=-1.0)
+        rl_losses.PPOPtxLossConfig(gamma_ptx=-1.0)
 
 
 # --------------------------------------------------------------------------- real tiny models
@@ -526,3 +585,20 @@ def test_reward_model_trains_through_make_train_step():
         assert float(metrics["loss"][1]) == 2.0
     assert all(np.isfinite(history))
     assert history[-1] < history[0] - 0.05, history
+
+
+def test_grpo_composes_with_the_pretraining_mix():
+    rng = np.random.default_rng(13)
+    batch, params = _ppo_batch(rng), {"policy": _pv_params(rng)["policy"]}
+    batch["ref_logprobs_BxT"] = batch["old_logprobs_BxT"]
+    ptx = _lm_batch(rng)
+    apply = rl_losses.PolicyValueApply(policy=bigram_apply, value=None)
+    grpo = rl_losses.GRPOLossConfig(kl_coef=0.05)
+    total, m = rl_losses.ppo_ptx_loss(params, {"rollout": batch, "ptx": ptx}, None, apply=apply,
+                                      cfg=rl_losses.PPOPtxLossConfig(ppo=grpo, gamma_ptx=0.5))
+    rl_sum, rm = rl_losses.grpo_loss(params, batch, None, apply=apply, cfg=grpo)
+    ptx_sum, pm = losses.lm_loss(params["policy"], ptx, None, apply=bigram_apply,
+                                 cfg=losses.LMLossConfig())
+    want = float(rl_sum) + 0.5 * float(rm["loss"][1]) / float(pm["loss"][1]) * float(ptx_sum)
+    assert float(total) == pytest.approx(want, rel=1e-5)
+    assert "kl_ref" in m and "ptx_loss" in m

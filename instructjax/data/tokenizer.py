@@ -58,6 +58,10 @@ class Tokenizer:
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
 
+    def pieces(self) -> list[str]:
+        """The vocabulary, by id: two tokenizers with the same pieces encode alike."""
+        return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+
 
 def _training_lines(texts: Iterable[str], max_lines: int, max_chars: int) -> Iterable[str]:
     """Sentencepiece trains on lines of bounded length; newlines are user-defined symbols."""

@@ -9,7 +9,7 @@ One iteration = ONE jitted function (explicit shardings, donated state):
      penalty score when no EOS was produced); GAE(gamma, lam); advantages whitened;
   3. update: `ppo_epochs` epochs, each a fresh permutation of the rollout rows split into
      `num_minibatches` minibatches, all E * M optimiser updates one `lax.scan`. The objective
-     is losses.ppo_loss, or losses.ppo_ptx_loss with each update paired with its own
+     is rl_losses.ppo_loss, or rl_losses.ppo_ptx_loss with each update paired with its own
      pretraining batch (the iteration's input carries [U * ptx_batch, T] rows; update u
      reads rows u::U);
   4. the KL controller (fixed, or adaptive with target + horizon) updates beta from the
@@ -42,8 +42,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from instructjax import parallel, rl_ops
 from instructjax.config import ConfigError, DataConfig, OptimConfig, TrainConfig
-from instructjax.losses import (LMLossConfig, Objective, PolicyValueApply, PPOLossConfig,
-                                PPOPtxLossConfig, ppo_loss, ppo_ptx_loss)
+from instructjax.losses import LMLossConfig, Objective
+from instructjax.rl_losses import (PolicyValueApply, PPOLossConfig, PPOPtxLossConfig, ppo_loss,
+                                   ppo_ptx_loss)
 from instructjax.model.config import ModelConfig
 from instructjax.model.transformer import Transformer
 from instructjax.rlhf import rollout as rollout_lib

@@ -132,7 +132,7 @@ def score_rollout(params, frozen, prompt_BxP, prompt_mask_BxP, response_BxN, res
     """Forward passes, rewards and advantages of given responses.
 
     params {'policy', 'value'} (trainable), frozen {'reference', 'reward'}. Returns
-    (ppo_batch, stats): ppo_batch is exactly what losses.ppo_loss reads, all [B, T]:
+    (ppo_batch, stats): ppo_batch is exactly what rl_losses.ppo_loss reads, all [B, T]:
 
       old_logprobs   log pi_old(tokens[t] | tokens[:t]) at the sampling temperature, from a
                      full forward pass (not the sampler's), target-aligned

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import shutil
 from pathlib import Path
 
 import jax
@@ -20,7 +19,7 @@ from absl import logging
 from instructjax import parallel
 from instructjax.config import ConfigError, DataConfig, RunConfig
 from instructjax.data import builders, comparison_packing, pipeline, shards
-from instructjax.data.jsonl import DataError, read_jsonl
+from instructjax.data.jsonl import DataError, atomic_output, read_jsonl
 from instructjax.data.tokenizer import Tokenizer, train_tokenizer
 from instructjax.losses import (LMLossConfig, Objective, RankingLossConfig, lm_loss, make_apply,
                                 reward_ranking_loss)
@@ -81,14 +80,18 @@ def resolve_tokenizer(cfg: RunConfig, files: builders.Files) -> Tokenizer:
             if not Path(candidate).exists():
                 raise FileNotFoundError(f"tokenizer {candidate} does not exist (from "
                                         "--tokenizer_path or --init_from)")
+            tokenizer = Tokenizer.load(candidate)
+            if Path(candidate).absolute() == own.absolute():
+                return tokenizer
+            # Pieces, not bytes: a retrained tokenizer's file also records where it was trained.
             if (own.exists() and wd.has_checkpoints(cfg.workdir)
-                    and Path(candidate).read_bytes() != own.read_bytes()):
+                    and Tokenizer.load(own).pieces() != tokenizer.pieces()):
                 raise ConfigError(f"{candidate} is not the tokenizer {cfg.workdir} was trained "
                                   f"with ({own}); use that one or a new --workdir")
-            if jax.process_index() == 0 and Path(candidate).absolute() != own.absolute():
-                own.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(candidate, own)
-            return Tokenizer.load(candidate)
+            if jax.process_index() == 0:  # atomically: the other processes may be reading it
+                with atomic_output(own, "wb") as f:
+                    f.write(Path(candidate).read_bytes())
+            return tokenizer
     if not own.exists():
         if jax.process_count() > 1:
             raise ConfigError("multi-process runs need a tokenizer made beforehand: pass "
