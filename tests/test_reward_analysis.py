@@ -10,16 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fakes import fake_run
+from fakes import fake_run, tiny_world_policy
 from instructjax import losses, parallel
 from instructjax.config import ConfigError, DataConfig, OptimConfig, RunConfig, TrainConfig
 from instructjax.data import pipeline
 from instructjax.data.jsonl import read_jsonl, write_json_atomic
 from instructjax.data.comparisons import write_comparisons
-from instructjax.data.tokenizer import train_tokenizer
-from instructjax.data.world import gold, labelers, write_world
+from instructjax.data.world import gold, labelers
 from instructjax.losses import make_apply
-from instructjax.model.config import preset
 from instructjax.model.transformer import Transformer
 from instructjax.rlhf import ppo, ppo_run, reward_analysis, rollout
 from instructjax.sampling import left_pad
@@ -72,15 +70,9 @@ def runs(tmp_path_factory):
     """A world, a tokenizer, an untrained tiny policy and its reward model as finished runs,
     and held-out comparisons of perturbed responses ranked by held-out labelers."""
     root = tmp_path_factory.mktemp("analysis")
-    files = write_world(root / "data", n_pretrain_docs=150, n_sft_train=30, n_sft_eval=12,
-                        n_prompts=20)
-    texts = [r["text"] for _, r in read_jsonl(files["pretrain_train"], required={"text": str})]
-    train_tokenizer(texts, root / "tokenizer.model", vocab_size=512)
-    cfg = preset("tiny", vocab_size=512, max_len=128)
     mesh = parallel.make_mesh("data:1,fsdp:1,tensor:1", jax.devices()[:1])
-    lm = state_lib.init_params_sharded(Transformer(cfg), mesh, 2, jax.random.key(0))[0]
+    files, cfg, lm = tiny_world_policy(root, mesh)
     scalar = state_lib.abstract_params(Transformer(cfg, head="scalar"), mesh)[0]
-    fake_run(root / "sft", root / "tokenizer.model", cfg, lm)
     fake_run(root / "reward", root / "tokenizer.model", cfg,
              ppo.init_scalar_from_lm(lm, scalar, jax.random.key(1)))
     tasks = [t for _, t in read_jsonl(files["prompts_eval"], required={"prompt": str})]

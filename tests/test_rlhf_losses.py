@@ -340,19 +340,24 @@ def _ppo_batch(rng, B=3, P=3, N=4, V=6):
             "old_values_BxT": garbage(), "advantages_BxT": garbage(), "returns_BxT": garbage()}
 
 
+def _token_surrogate(params, batch, b, t, cfg):
+    """(log pi(tokens[b, t]), the clipped surrogate pg_t) computed by hand for one token."""
+    tok = batch["tokens_BxT"]
+    logp = np_log_softmax(params["policy"][tok[b, t - 1]] / cfg.temperature)[tok[b, t]]
+    ratio = math.exp(logp - batch["old_logprobs_BxT"][b, t])
+    a = batch["advantages_BxT"][b, t]
+    return logp, max(-a * ratio, -a * min(max(ratio, 1 - cfg.clip_eps), 1 + cfg.clip_eps))
+
+
 def _ppo_reference(params, batch, cfg):
     """Token-by-token loop: the value for token t is read at position t-1."""
-    table, vtable = params["policy"], params["value"]
-    tok = batch["tokens_BxT"]
+    vtable, tok = params["value"], batch["tokens_BxT"]
     total, n = 0.0, 0
     B, T = tok.shape
     for b, t in itertools.product(range(B), range(1, T)):
         if not batch["response_mask_BxT"][b, t]:
             continue
-        logp = np_log_softmax(table[tok[b, t - 1]] / cfg.temperature)[tok[b, t]]
-        ratio = math.exp(logp - batch["old_logprobs_BxT"][b, t])
-        a = batch["advantages_BxT"][b, t]
-        pg = max(-a * ratio, -a * min(max(ratio, 1 - cfg.clip_eps), 1 + cfg.clip_eps))
+        _, pg = _token_surrogate(params, batch, b, t, cfg)
         v = vtable[tok[b, t - 1]]
         old_v, R = batch["old_values_BxT"][b, t], batch["returns_BxT"][b, t]
         v_clip = old_v + min(max(v - old_v, -cfg.value_clip), cfg.value_clip)
@@ -383,17 +388,14 @@ def test_ppo_loss_vs_token_loop_with_temperature():
 
 def _grpo_reference(params, batch, cfg):
     """Token-by-token loop, per row, then aggregated as cfg.aggregate says."""
-    table, tok = params["policy"], batch["tokens_BxT"]
+    tok = batch["tokens_BxT"]
     rows = []
     for b in range(tok.shape[0]):
         terms = []
         for t in range(1, tok.shape[1]):
             if not batch["response_mask_BxT"][b, t]:
                 continue
-            logp = np_log_softmax(table[tok[b, t - 1]] / cfg.temperature)[tok[b, t]]
-            ratio = math.exp(logp - batch["old_logprobs_BxT"][b, t])
-            a = batch["advantages_BxT"][b, t]
-            pg = max(-a * ratio, -a * min(max(ratio, 1 - cfg.clip_eps), 1 + cfg.clip_eps))
+            logp, pg = _token_surrogate(params, batch, b, t, cfg)
             d = batch["ref_logprobs_BxT"][b, t] - logp
             terms.append(pg + cfg.kl_coef * (math.exp(d) - d - 1))
         rows.append(terms)

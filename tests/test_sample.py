@@ -7,14 +7,8 @@ from pathlib import Path
 
 import jax
 
-from fakes import fake_run
+from fakes import tiny_world_policy
 from instructjax import parallel
-from instructjax.data.jsonl import read_jsonl
-from instructjax.data.tokenizer import train_tokenizer
-from instructjax.data.world import write_world
-from instructjax.model.config import preset
-from instructjax.model.transformer import Transformer
-from instructjax.train import state as state_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,20 +20,14 @@ def _sample(*args):
 
 
 def test_samples_the_users_prompts(tmp_path):
-    files = write_world(tmp_path / "data", n_pretrain_docs=150, n_sft_train=10, n_sft_eval=10,
-                        n_prompts=10)
-    texts = [r["text"] for _, r in read_jsonl(files["pretrain_train"], required={"text": str})]
-    train_tokenizer(texts, tmp_path / "tokenizer.model", vocab_size=512)
-    cfg = preset("tiny", vocab_size=512, max_len=128)
     mesh = parallel.make_mesh("data:1,fsdp:1,tensor:1", jax.devices()[:1])
-    params = state_lib.init_params_sharded(Transformer(cfg), mesh, 2, jax.random.key(0))[0]
-    fake_run(tmp_path / "policy", tmp_path / "tokenizer.model", cfg, params)
+    tiny_world_policy(tmp_path, mesh, n_sft_train=10, n_sft_eval=10, n_prompts=10)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "Q: What is 2 + 2?\nA:", "id": "a"}) + "\n"
                        + json.dumps({"prompt": "Once upon a time", "id": "b"}) + "\n")
 
     out = tmp_path / "samples.jsonl"
-    result = _sample(f"--policy_from={tmp_path / 'policy'}", f"--prompt_file={prompts}",
+    result = _sample(f"--policy_from={tmp_path / 'sft'}", f"--prompt_file={prompts}",
                      f"--output={out}", "--num_samples=3", "--max_new_tokens=8",
                      "--mesh=data:1,fsdp:1,tensor:1")
     assert result.returncode == 0, result.stderr
@@ -51,7 +39,7 @@ def test_samples_the_users_prompts(tmp_path):
     # Bad input: one line naming the file and line, and nothing written.
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"text": "no prompt"}\n')
-    result = _sample(f"--policy_from={tmp_path / 'policy'}", f"--prompt_file={bad}",
+    result = _sample(f"--policy_from={tmp_path / 'sft'}", f"--prompt_file={bad}",
                      f"--output={tmp_path / 'none.jsonl'}", "--mesh=data:1,fsdp:1,tensor:1")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"{bad}:2" in result.stderr and not (tmp_path / "none.jsonl").exists()
