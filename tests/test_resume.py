@@ -61,7 +61,9 @@ def _start_and_wait_for_checkpoint(workdir, data_dir, step):
     return proc
 
 
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
+# SIGTERM (save, stop, resume) in CI; SIGKILL (resume from an older checkpoint) in the slow set.
+@pytest.mark.parametrize("signum", [pytest.param(signal.SIGKILL, marks=pytest.mark.slow),
+                                    signal.SIGTERM])
 def test_stop_then_resume_equals_uninterrupted(straight, tmp_path, signum):
     data_dir, straight_dir = straight
     stopped = tmp_path / "stopped"

@@ -45,7 +45,8 @@ def _train(mesh, steps=3, accum=1, family="gpt2"):
     return losses, jax.device_get(state.params)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+# Llama on a tensor-parallel mesh is in test_hf; its full-loop check is in the slow set.
+@pytest.mark.parametrize("family", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
 def test_same_result_on_every_mesh(family):
     ref_losses, ref_params = _train(parallel.make_mesh("data:1,fsdp:1,tensor:1", jax.devices()[:1]),
                                     family=family)
