@@ -25,6 +25,9 @@ class SamplingConfig:
     pad_id: int
     temperature: float = 1.0  # 0.0 = greedy
     top_p: float = 1.0
+    # Ids >= vocab_limit are never sampled (0: none excluded): a model whose embedding is
+    # larger than its tokenizer must not produce ids the tokenizer cannot decode.
+    vocab_limit: int = 0
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:
@@ -86,6 +89,9 @@ def _inverse_cdf(logp_BxV: jax.Array, rng) -> jax.Array:
 def choose_token(logits_BxV, rng, cfg: SamplingConfig):
     """(token_B, logprob_B) under the tempered distribution."""
     logits_BxV = logits_BxV.astype(jnp.float32)
+    if 0 < cfg.vocab_limit < logits_BxV.shape[-1]:
+        logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < cfg.vocab_limit, logits_BxV,
+                               -jnp.inf)
     if cfg.temperature == 0.0:
         token_B = jnp.argmax(logits_BxV, axis=-1)
         logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)

@@ -442,3 +442,14 @@ def test_packed_ranking_loss_equals_padded(built, read):
     if read == "pooled":  # a different read indeed
         eos = reward_ranking_loss(params, padded, None, apply=apply, cfg=RankingLossConfig())
         assert abs(float(eos[1]["reward_mean"][0]) - float(m_pad["reward_mean"][0])) > 1e-3
+
+
+def test_simulated_labelers_refuse_a_users_prompts_before_sampling(tmp_path):
+    from instructjax.rlhf.comparisons import ComparisonConfig, make_comparisons
+    own = tmp_path / "prompts.jsonl"
+    own.write_text('{"prompt": "Write a haiku about rain."}\n')
+    with pytest.raises(DataError, match=r"prompts.jsonl:1: missing field 'kind'.*"
+                                        r"experiments.sample and rank them yourselves"):
+        # The policy does not exist: the prompts are checked before anything is loaded.
+        make_comparisons(tmp_path / "no_policy", {"train": own, "eval": own}, tmp_path,
+                         num_prompts={"train": 0, "eval": 0}, cfg=ComparisonConfig(), mesh=None)

@@ -140,3 +140,17 @@ def test_sampled_frequencies_follow_the_tempered_nucleus(top_p):
     freq = np.bincount(np.asarray(tokens), minlength=6) / rows
     np.testing.assert_allclose(freq, probs, atol=0.012)
     assert (freq[probs == 0] == 0).all()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_ids_past_the_vocab_limit_are_never_sampled(temperature):
+    # A model with more embedding rows than its tokenizer has pieces: the extra ids carry
+    # most of the mass here, and must still never come out.
+    from instructjax.sampling import choose_token
+    logits = jnp.asarray([0.0, 0.0, 0.0, 5.0, 5.0, 5.0])
+    cfg = SamplingConfig(max_new_tokens=1, eos_id=EOS, pad_id=PAD, temperature=temperature,
+                         vocab_limit=3)
+    tokens, logps = jax.jit(choose_token, static_argnums=2)(
+        jnp.broadcast_to(logits, (2000, 6)), jax.random.key(4), cfg)
+    assert int(jnp.max(tokens)) < 3
+    np.testing.assert_allclose(np.asarray(logps), np.log(1 / 3), atol=1e-5)  # of the 3 left

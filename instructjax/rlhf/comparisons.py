@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 
 from instructjax.data import comparisons as comparisons_lib
-from instructjax.data.jsonl import read_jsonl, write_json_atomic
+from instructjax.data.jsonl import DataError, read_jsonl, write_json_atomic
 from instructjax.data.world import labelers as labelers_lib
 from instructjax.rlhf.generate import generate
 from instructjax.sampling import SamplingConfig
@@ -41,7 +41,16 @@ class ComparisonConfig:
 
 
 def _tasks(prompt_file: str | Path, limit: int) -> list[dict]:
-    tasks = [record for _, record in read_jsonl(prompt_file, required={"prompt": str})]
+    """The embedded world's tasks: the simulated labelers judge a response by its task's
+    kind and answer, which a user's own prompt file does not have."""
+    try:
+        tasks = [record for _, record in read_jsonl(
+            prompt_file, required={"prompt": str, "kind": str, "answer": str})]
+    except DataError as e:
+        raise DataError(f"{e}. The simulated labelers rank responses to the embedded world's "
+                        "tasks only; for your own prompts, sample responses with "
+                        "experiments.sample and rank them yourselves ({\"prompt\", "
+                        "\"responses\", \"ranking\"} lines, ranking best first)") from None
     return tasks[:limit] if limit else tasks
 
 
@@ -73,12 +82,12 @@ def make_comparisons(policy_dir, prompt_files: dict[str, str | Path], out_dir: s
     out_dir = Path(out_dir)
     key = jax.random.key(cfg.seed)
     stats: dict = {"config": dataclasses.asdict(cfg), "policy": str(policy_dir)}
+    tasks = {split: _tasks(prompt_files[split], num_prompts[split]) for split in prompt_files}
     policy = load_trained(policy_dir, mesh, flag="--policy_from")
     samples = {}
     for i, split in enumerate(("train", "eval")):
-        tasks = _tasks(prompt_files[split], num_prompts[split])
-        samples[split] = tasks, sample_response_sets(policy, tasks, cfg=cfg, mesh=mesh,
-                                                     rng=jax.random.fold_in(key, i))
+        samples[split] = tasks[split], sample_response_sets(
+            policy, tasks[split], cfg=cfg, mesh=mesh, rng=jax.random.fold_in(key, i))
     # How often labelers agree depends on the responses they compare: the noise is set on
     # these samples so that two training labelers agree on ~73% of pairs (InstructGPT).
     scale, _ = labelers_lib.calibrate_noise(*samples["train"], target=cfg.labeler_agreement,

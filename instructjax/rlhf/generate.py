@@ -37,6 +37,8 @@ def generate(params, model, tokenizer: Tokenizer, prompts: list[str], *,
     """Samples one response per prompt. A response is cut before the first of the `stop`
     strings (Codex: "\\ndef", "\\nclass", ...), and its log-probs then cover only the
     tokens needed to spell what is kept, so ranking by log-prob scores the kept text."""
+    if tokenizer.vocab_size < model.cfg.vocab_size:  # only ids the tokenizer can decode
+        sampling = dataclasses.replace(sampling, vocab_limit=tokenizer.vocab_size)
     dp = parallel.data_parallel_size(mesh)
     batch_size = max(dp, batch_size // dp * dp)
     encoded = [tokenizer.encode(p) for p in prompts]
