@@ -146,9 +146,17 @@ def test_sweep_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     with pytest.raises(ConfigError, match=r"size small: .*\(train\.steps: 2 then, 3 now\)"):
         scaling.run_sweep(longer)
 
+
+
+@pytest.mark.slow
+def test_sweep_over_seeds(tmp_path, capsys):
+    files = _files(tmp_path)
+    models = (("small", _tiny(16, 1)), ("large", _tiny(48, 2)))
+    cfg = scaling.ScalingConfig(workdir=str(tmp_path / "sweep"), base=_base(tmp_path, files),
+                                models=models, learning_rates=(3e-3, 1e-3))
+    rows = scaling.run_sweep(cfg, argv=["test"])["sizes"]
     # Several seeds: each size's loss is their mean, the spread is reported; seed 0 is the
     # run above, seed 1 another run.
-    monkeypatch.undo()
     seeds = scaling.run_sweep(dataclasses.replace(cfg, workdir=str(tmp_path / "seeds"),
                                                   seeds=(0, 1)))
     for r, one in zip(seeds["sizes"], rows):
