@@ -55,7 +55,8 @@ def _fields(state: Any) -> dict[str, Any]:
 
 
 def fingerprints(tree: Any) -> tuple[dict[str, list[int]], list[str]]:
-    """({leaf path: [sum, weighted sum]}, paths of leaves with non-finite values)."""
+    """({leaf path: [sum, weighted sum]}, paths of leaves with non-finite values). Fetched
+    leaf by leaf: queueing many sharded programs without a sync can abort on CPU."""
     out, bad = {}, []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         name = jax.tree_util.keystr(path)
