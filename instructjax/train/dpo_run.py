@@ -161,7 +161,6 @@ def train_dpo(cfg: DPOConfig, argv: list[str] = ()) -> dict[str, float]:
 
 def _train(cfg: DPOConfig, run: wd.Run, mesh, tokenizer: Tokenizer, model_cfg, train_cfg,
            train_pairs, eval_pairs) -> dict[str, float]:
-
     num_shards = shards.resolve(cfg.data.data_shards)
     common = dict(seq_len=train_cfg.seq_len, shard_count=num_shards,
                   batch_size=shards.split_rows(train_cfg.batch_size, num_shards, "--batch_size"))

@@ -35,8 +35,8 @@ from typing import Any
 import jax
 
 from instructjax.config import ConfigError
-from instructjax.data import jsonl
 from instructjax.model.config import ModelConfig
+from instructjax.train.checkpoint import write_json_atomic
 
 TOKENIZER_FILE = "tokenizer.model"
 MODEL_CONFIG_FILE = "model_config.json"
@@ -72,12 +72,6 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Process 0 writes a JSON file atomically (the other processes share its filesystem)."""
-    if jax.process_index() == 0:
-        jsonl.write_json_atomic(path, obj)
 
 
 def is_finished(workdir: str | Path) -> bool:
@@ -237,13 +231,13 @@ class Run:
     def set_status(self, state: str, step: int | None = None, **extra) -> None:
         self.record["status"] = {"state": state, "step": step, "total": self.total_steps,
                                  "time": time.time(), **extra}
-        write_json(self.workdir / RUN_RECORD_FILE, self.record)
+        write_json_atomic(self.workdir / RUN_RECORD_FILE, self.record)
 
     def finish(self, step: int, metrics: dict[str, Any]) -> None:
         """Writes final_eval.json (the "done" marker) and marks the record finished."""
         if step < self.total_steps:
             raise RunStopped(self.workdir, step, self.total_steps)
-        write_json(self.workdir / FINAL_EVAL_FILE, {"step": step, **metrics})
+        write_json_atomic(self.workdir / FINAL_EVAL_FILE, {"step": step, **metrics})
         self.set_status("finished", step)
 
 
@@ -291,7 +285,7 @@ def open_run(workdir: str | Path, config: Any, argv: list[str], *, total_steps: 
         if jax.process_index() == 0:
             workdir.mkdir(parents=True, exist_ok=True)
         for name, obj in (files or {}).items():
-            write_json(workdir / name, obj)
+            write_json_atomic(workdir / name, obj)
         run.set_status("running")
         try:
             yield run
