@@ -18,7 +18,7 @@ import json
 
 from absl import app, flags
 
-from experiments.log_filters import quiet_library_logs
+from experiments.errors import user_facing
 
 FLAGS = flags.FLAGS
 
@@ -60,9 +60,6 @@ def config_from_flags():
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise SystemExit(f"error: unexpected arguments: {argv[1:]}")
-    quiet_library_logs()
     from instructjax.config import ConfigError
     try:
         cfg = config_from_flags()
@@ -93,4 +90,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(user_facing(main))

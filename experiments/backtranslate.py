@@ -18,7 +18,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from experiments.log_filters import quiet_library_logs
+from experiments.errors import user_facing
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("docstring_checkpoint", None, "Workdir of the Codex-D model.")
@@ -43,39 +43,33 @@ flags.mark_flags_as_required(["docstring_checkpoint", "code_checkpoint", "proble
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    quiet_library_logs()
     from instructjax.codex import backtranslate as bt, evaluate, passk, sandbox
     from instructjax.codex.sandbox import Problem
-    from instructjax.data.jsonl import DataError, write_jsonl_atomic
-    try:
-        ks = passk.parse_ks(FLAGS.k)
-        cfg = bt.BacktranslationConfig(
-            docstring_checkpoint=FLAGS.docstring_checkpoint, code_checkpoint=FLAGS.code_checkpoint,
-            n_samples=FLAGS.n_samples, docstring_temperature=FLAGS.docstring_temperature,
-            code_temperature=FLAGS.temperature, max_docstring_tokens=FLAGS.max_docstring_tokens,
-            max_code_tokens=FLAGS.max_new_tokens, top_p=FLAGS.top_p, batch_size=FLAGS.batch_size,
-            seed=FLAGS.seed, mesh=FLAGS.mesh)
-        sandbox_cfg = sandbox.SandboxConfig(mode=FLAGS.sandbox, timeout_s=FLAGS.timeout_s,
-                                            memory_mb=FLAGS.memory_mb, workers=FLAGS.workers)
-        problems = bt.load_problem_dicts(FLAGS.problems)
-        if FLAGS.sandbox == "bwrap":  # fail before sampling
-            sandbox.check_sandbox()
-        samples, records, skipped = bt.backtranslate(cfg, problems)
-        out = Path(FLAGS.out)
-        write_jsonl_atomic(out / "docstrings.jsonl", records)
-        scored = {t: Problem(task_id=t, prompt=p["prompt"], test=p["test"],
-                             entry_point=p["entry_point"])
-                  for t, p in problems.items() if t not in skipped}
-        with sandbox.Evaluator(sandbox_cfg) as evaluator:
-            summary = evaluate.score(evaluator, sandbox_cfg, scored, samples, ks, out, {
-                "problems": FLAGS.problems, "backtranslation": dataclasses.asdict(cfg),
-                "skipped_problems": {"count": len(skipped), "task_ids": skipped,
-                                     "reason": "prompt longer than a model's context"},
-                "argv": sys.argv})
-    except (ValueError, DataError, FileNotFoundError, sandbox.SandboxUnavailableError) as e:
-        raise SystemExit(f"error: {e}") from None
+    from instructjax.data.jsonl import write_jsonl_atomic
+    ks = passk.parse_ks(FLAGS.k)
+    cfg = bt.BacktranslationConfig(
+        docstring_checkpoint=FLAGS.docstring_checkpoint, code_checkpoint=FLAGS.code_checkpoint,
+        n_samples=FLAGS.n_samples, docstring_temperature=FLAGS.docstring_temperature,
+        code_temperature=FLAGS.temperature, max_docstring_tokens=FLAGS.max_docstring_tokens,
+        max_code_tokens=FLAGS.max_new_tokens, top_p=FLAGS.top_p, batch_size=FLAGS.batch_size,
+        seed=FLAGS.seed, mesh=FLAGS.mesh)
+    sandbox_cfg = sandbox.SandboxConfig(mode=FLAGS.sandbox, timeout_s=FLAGS.timeout_s,
+                                        memory_mb=FLAGS.memory_mb, workers=FLAGS.workers)
+    problems = bt.load_problem_dicts(FLAGS.problems)
+    if FLAGS.sandbox == "bwrap":  # fail before sampling
+        sandbox.check_sandbox()
+    samples, records, skipped = bt.backtranslate(cfg, problems)
+    out = Path(FLAGS.out)
+    write_jsonl_atomic(out / "docstrings.jsonl", records)
+    scored = {t: Problem(task_id=t, prompt=p["prompt"], test=p["test"],
+                         entry_point=p["entry_point"])
+              for t, p in problems.items() if t not in skipped}
+    with sandbox.Evaluator(sandbox_cfg) as evaluator:
+        summary = evaluate.score(evaluator, sandbox_cfg, scored, samples, ks, out, {
+            "problems": FLAGS.problems, "backtranslation": dataclasses.asdict(cfg),
+            "skipped_problems": {"count": len(skipped), "task_ids": skipped,
+                                 "reason": "prompt longer than a model's context"},
+            "argv": sys.argv})
     print(f"back-translation over {summary['num_problems']} problems (n = {FLAGS.n_samples}, "
           f"{len(skipped)} skipped): " + ", ".join(
               f"pass@{k} {v:.4f}" for k, v in summary["pass_at_k"].items()))
@@ -83,4 +77,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(user_facing(main, also=(ValueError,)))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from experiments.log_filters import quiet_library_logs
+from experiments.errors import user_facing
 from instructjax.codex import corpus
 
 FLAGS = flags.FLAGS
@@ -60,17 +60,11 @@ def config_from_flags() -> corpus.CorpusConfig:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise SystemExit(f"error: unexpected arguments: {argv[1:]}")
-    quiet_library_logs()
-    try:
-        cfg = config_from_flags()
-        report = corpus.build_corpus(cfg)
-    except (ValueError, OSError) as e:  # ConfigError, DataError: messages name flag/file
-        raise SystemExit(f"error: {e}") from None
+    cfg = config_from_flags()
+    report = corpus.build_corpus(cfg)
     print(corpus.format_report(report))
     print(f"wrote {cfg.out_dir}/code_train.jsonl, code_validation.jsonl and report.json")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(user_facing(main, also=(ValueError, OSError)))

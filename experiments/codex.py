@@ -20,7 +20,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from experiments.log_filters import quiet_library_logs
+from experiments.errors import user_facing
 from experiments.stages import run_stage
 
 FLAGS = flags.FLAGS
@@ -117,33 +117,26 @@ def record_seconds(root: Path, seconds: dict[str, float]) -> dict[str, float]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required")
-    quiet_library_logs()
+        raise SystemExit("error: --workdir is required")
     root = Path(FLAGS.workdir)
     seconds = record_seconds(root, run_stages(root))
 
     from instructjax.codex import story
-    from instructjax.data.jsonl import DataError
     humaneval = ({"codex_s": root / "passk" / "humaneval_codex_s"} if FLAGS.humaneval_flags
                  else {})
-    try:
-        result = story.build_story(
-            pretrained_run=root / "codex", scratch_run=root / "scratch",
-            heldout={m: root / "passk" / m for m in ("codex", "codex_s")}, humaneval=humaneval,
-            new_instances=({m: root / "passk_new" / m for m in ("codex", "codex_s")}
-                           if FLAGS.passk_new_flags else None),
-            backtranslation=(root / "backtranslation" if FLAGS.codex_d_flags
-                             and FLAGS.backtranslation_flags else None),
-            ranking_temperature=FLAGS.ranking_temperature, stage_seconds=seconds)
-        written = story.write_story(result, root / "story")
-    except (DataError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+    result = story.build_story(
+        pretrained_run=root / "codex", scratch_run=root / "scratch",
+        heldout={m: root / "passk" / m for m in ("codex", "codex_s")}, humaneval=humaneval,
+        new_instances=({m: root / "passk_new" / m for m in ("codex", "codex_s")}
+                       if FLAGS.passk_new_flags else None),
+        backtranslation=(root / "backtranslation" if FLAGS.codex_d_flags
+                         and FLAGS.backtranslation_flags else None),
+        ranking_temperature=FLAGS.ranking_temperature, stage_seconds=seconds)
+    written = story.write_story(result, root / "story")
     print(story.format_story(result))
     print("wrote " + ", ".join(str(p) for p in written.values()))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(user_facing(main, also=(ValueError,)))

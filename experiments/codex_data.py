@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from experiments.errors import user_facing
 from instructjax.codex import codex_data, sandbox
 
 FLAGS = flags.FLAGS
@@ -49,16 +50,11 @@ def config_from_flags() -> codex_data.CodexDataConfig:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise SystemExit(f"error: unexpected arguments: {argv[1:]}")
-    try:
-        cfg = config_from_flags()
-        report = codex_data.build_codex_data(cfg, progress=print)
-    except (ValueError, OSError, sandbox.SandboxUnavailableError) as e:
-        raise SystemExit(f"error: {e}") from None
+    cfg = config_from_flags()
+    report = codex_data.build_codex_data(cfg, progress=print)
     print(codex_data.format_report(report))
     print(f"wrote {cfg.out_dir}/: {', '.join(codex_data.OUTPUTS)}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(user_facing(main, also=(ValueError, OSError)))

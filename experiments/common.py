@@ -5,14 +5,13 @@ Only experiments/ read absl flags; the library sees a frozen RunConfig.
 
 from __future__ import annotations
 
-import errno
 import importlib
 import os
 import sys
 
 from absl import flags
 
-from experiments.log_filters import quiet_library_logs
+from experiments.errors import user_facing
 from instructjax import config as config_lib
 from instructjax.model import config as model_config
 
@@ -177,44 +176,19 @@ def run_config_from_flags(task: str) -> config_lib.RunConfig:
     )
 
 
-# OS errors a user causes and can fix: one line, not a traceback.
-USER_OS_ERRORS = (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM)
-
-
 def experiment_main(build_config, train: str):
     """The absl main of an experiment: `build_config()` reads the flags (any ValueError is a
     bad flag); `train` ("module:function") is imported only then, so JAX starts after the
     flags and devices are set up."""
     def main(argv):
-        if len(argv) > 1:
-            raise SystemExit(f"error: unexpected arguments: {argv[1:]}")
-        quiet_library_logs()
-        from instructjax.config import ConfigError
-        from instructjax.data.jsonl import DataError
-        from instructjax.train.checkpoint import CheckpointError
-        from instructjax.train.loop import NonFiniteLossError
-        from instructjax.train.workdir import EXIT_STOPPED, RunStopped
         try:
             cfg = build_config()
         except (ValueError, flags.ValidationError) as e:
             raise SystemExit(f"error: {e}") from None
-        try:
-            setup_devices()
-            module, function = train.split(":")
-            getattr(importlib.import_module(module), function)(cfg, argv=list(sys.argv))
-        except (ConfigError, DataError, FileNotFoundError, CheckpointError,
-                NonFiniteLossError) as e:
-            raise SystemExit(f"error: {e}") from None
-        except RunStopped as e:
-            print(f"stopped: {e}", file=sys.stderr)
-            raise SystemExit(EXIT_STOPPED) from None
-        except OSError as e:
-            if e.errno not in USER_OS_ERRORS:
-                raise
-            raise SystemExit(f"error: {e.strerror}: {e.filename or 'a file of the run'} "
-                             f"({errno.errorcode[e.errno]}); free space, fix the permissions "
-                             "or choose another --workdir / --data_dir") from None
-    return main
+        setup_devices()
+        module, function = train.split(":")
+        getattr(importlib.import_module(module), function)(cfg, argv=list(sys.argv))
+    return user_facing(main)
 
 
 def main_for(task: str):

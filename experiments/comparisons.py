@@ -16,7 +16,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from experiments.log_filters import quiet_library_logs
+from experiments.errors import user_facing
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("policy_from", None, "Workdir of the SFT run to sample from.")
@@ -32,9 +32,6 @@ flags.DEFINE_string("mesh", "data:-1,fsdp:1,tensor:1", "Device mesh for sampling
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise SystemExit(f"error: unexpected arguments: {argv[1:]}")
-    quiet_library_logs()
     if not FLAGS.policy_from or not FLAGS.data_dir:
         raise SystemExit("error: --policy_from and --data_dir are required")
     data_dir = Path(FLAGS.data_dir)
@@ -44,18 +41,14 @@ def main(argv):
             raise SystemExit(f"error: {path} not found: --data_dir must hold the world's prompt "
                              "files (written by the pretraining stage)")
     from instructjax import parallel
-    from instructjax.data.jsonl import DataError
     from instructjax.rlhf.comparisons import ComparisonConfig, make_comparisons
-    try:
-        cfg = ComparisonConfig(k_min=FLAGS.k_min, k_max=FLAGS.k_max, temperature=FLAGS.temperature,
-                               max_new_tokens=FLAGS.max_new_tokens, seed=FLAGS.seed)
-        stats = make_comparisons(
-            FLAGS.policy_from, prompt_files, data_dir, cfg=cfg, mesh=parallel.make_mesh(FLAGS.mesh),
-            num_prompts={"train": FLAGS.train_prompts, "eval": FLAGS.eval_prompts})
-    except (ValueError, DataError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    cfg = ComparisonConfig(k_min=FLAGS.k_min, k_max=FLAGS.k_max, temperature=FLAGS.temperature,
+                           max_new_tokens=FLAGS.max_new_tokens, seed=FLAGS.seed)
+    stats = make_comparisons(
+        FLAGS.policy_from, prompt_files, data_dir, cfg=cfg, mesh=parallel.make_mesh(FLAGS.mesh),
+        num_prompts={"train": FLAGS.train_prompts, "eval": FLAGS.eval_prompts})
     print(json.dumps({k: stats[k] for k in ("train", "eval")}, indent=2))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(user_facing(main, also=(ValueError,)))

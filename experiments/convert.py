@@ -20,7 +20,7 @@ import sys
 
 from absl import app, flags
 
-from experiments.log_filters import quiet_library_logs
+from experiments.errors import user_facing
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("to", None, ["ours", "hf"], "ours: --hf_dir -> --workdir; hf: --workdir -> --hf_dir.")
@@ -37,22 +37,13 @@ flags.mark_flags_as_required(["to", "hf_dir", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise SystemExit(f"error: unexpected arguments: {argv[1:]}")
-    quiet_library_logs()
-    from instructjax.config import ConfigError
-    from instructjax.model.hf import HFCheckpointError
     from instructjax.train import hf_workdir
-    from instructjax.train.checkpoint import CheckpointError
-    try:
-        cfg = hf_workdir.ConvertConfig(
-            to=FLAGS.to, hf_dir=FLAGS.hf_dir, workdir=FLAGS.workdir, mesh=FLAGS.mesh,
-            tokenizer_path=FLAGS.tokenizer_path, require_tokenizer=FLAGS.require_tokenizer,
-            max_shard_bytes=FLAGS.max_shard_mb * 2**20, overwrite=FLAGS.overwrite)
-        hf_workdir.convert(cfg, argv=list(sys.argv))
-    except (ConfigError, HFCheckpointError, FileNotFoundError, CheckpointError) as e:
-        raise SystemExit(f"error: {e}") from None
+    cfg = hf_workdir.ConvertConfig(
+        to=FLAGS.to, hf_dir=FLAGS.hf_dir, workdir=FLAGS.workdir, mesh=FLAGS.mesh,
+        tokenizer_path=FLAGS.tokenizer_path, require_tokenizer=FLAGS.require_tokenizer,
+        max_shard_bytes=FLAGS.max_shard_mb * 2**20, overwrite=FLAGS.overwrite)
+    hf_workdir.convert(cfg, argv=list(sys.argv))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(user_facing(main))

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from experiments.errors import user_facing
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("input", [], "Pair JSONL file(s), comma-separated.")
 flags.DEFINE_string("out_dir", None, "Directory for the converted files.")
@@ -51,21 +53,15 @@ def convert(paths: list[str], out_dir: Path, eval_fraction: float) -> dict[str, 
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise SystemExit(f"error: unexpected arguments: {argv[1:]}")
     if not FLAGS.input or not FLAGS.out_dir:
         raise SystemExit("error: --input and --out_dir are required")
     if not 0 < FLAGS.eval_fraction < 1:
         raise SystemExit(f"error: --eval_fraction must be in (0, 1), got {FLAGS.eval_fraction}")
-    from instructjax.data.jsonl import DataError
-    try:
-        counts = convert(FLAGS.input, Path(FLAGS.out_dir), FLAGS.eval_fraction)
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None
+    counts = convert(FLAGS.input, Path(FLAGS.out_dir), FLAGS.eval_fraction)
     if not counts["train_pairs"] or not counts["eval_pairs"]:
         print(f"warning: a split is empty ({counts}); change --eval_fraction", file=sys.stderr)
     print(json.dumps(counts))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(user_facing(main))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from experiments.log_filters import quiet_library_logs
+from experiments.errors import user_facing
 from experiments.stages import run_stage
 
 FLAGS = flags.FLAGS
@@ -73,11 +73,8 @@ def run_stages(root: Path) -> dict[str, Path]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required")
-    quiet_library_logs()
+        raise SystemExit("error: --workdir is required")
     root = Path(FLAGS.workdir)
     policies = run_stages(root)
 
@@ -98,4 +95,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(user_facing(main))

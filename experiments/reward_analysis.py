@@ -15,7 +15,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from experiments.log_filters import quiet_library_logs
+from experiments.errors import user_facing
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A finished instructgpt run: data/, sft/, reward/ under it.")
@@ -33,9 +33,6 @@ flags.DEFINE_string("mesh", "data:1,fsdp:-1,tensor:1", "Device mesh.")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise SystemExit(f"error: unexpected arguments: {argv[1:]}")
-    quiet_library_logs()
     workdir = Path(FLAGS.workdir) if FLAGS.workdir else None
     paths = {}
     for flag, default in (("data_dir", "data"), ("policy_from", "sft"), ("reward_from", "reward"),
@@ -53,21 +50,18 @@ def main(argv):
             raise SystemExit(f"error: {paths['data_dir'] / name} not found: --data_dir must hold "
                              "the world's prompts and the comparisons stage's output")
     from instructjax import parallel
-    from instructjax.data.jsonl import DataError, write_json_atomic
+    from instructjax.data.jsonl import write_json_atomic
     from instructjax.rlhf import reward_analysis
-    try:
-        result = reward_analysis.analyse(
-            data_dir=paths["data_dir"], policy_dir=paths["policy_from"],
-            reward_dir=paths["reward_from"], mesh=parallel.make_mesh(FLAGS.mesh),
-            best_of=FLAGS.best_of, temperature=FLAGS.temperature,
-            max_new_tokens=FLAGS.max_new_tokens, seq_len=FLAGS.seq_len, seed=FLAGS.seed,
-            num_prompts=FLAGS.num_prompts)
-    except (ValueError, DataError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    result = reward_analysis.analyse(
+        data_dir=paths["data_dir"], policy_dir=paths["policy_from"],
+        reward_dir=paths["reward_from"], mesh=parallel.make_mesh(FLAGS.mesh),
+        best_of=FLAGS.best_of, temperature=FLAGS.temperature,
+        max_new_tokens=FLAGS.max_new_tokens, seq_len=FLAGS.seq_len, seed=FLAGS.seed,
+        num_prompts=FLAGS.num_prompts)
     write_json_atomic(paths["out"], result)
     print(reward_analysis.format_report(result))
     print(f"\nwritten to {paths['out']}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(user_facing(main, also=(ValueError,)))

@@ -15,7 +15,7 @@ import sys
 
 from absl import app, flags
 
-from experiments.log_filters import quiet_library_logs
+from experiments.errors import user_facing
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("policy_from", None, "Workdir of the policy to sample from.")
@@ -32,9 +32,6 @@ flags.DEFINE_string("mesh", "data:-1,fsdp:1,tensor:1", "Device mesh for sampling
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise SystemExit(f"error: unexpected arguments: {argv[1:]}")
-    quiet_library_logs()
     for name in ("policy_from", "prompt_file", "output"):
         if not getattr(FLAGS, name):
             raise SystemExit(f"error: --{name} is required")
@@ -42,38 +39,33 @@ def main(argv):
         raise SystemExit(f"error: --num_samples must be >= 1, got {FLAGS.num_samples}")
     import jax
     from instructjax import parallel
-    from instructjax.config import ConfigError
     from instructjax.data.jsonl import DataError, read_jsonl, write_jsonl_atomic
     from instructjax.rlhf.generate import generate
     from instructjax.sampling import SamplingConfig
-    from instructjax.train.checkpoint import CheckpointError
     from instructjax.train.workdir import load_trained
-    try:
-        records = [r for _, r in read_jsonl(FLAGS.prompt_file, required={"prompt": str})]
-        if not records:
-            raise DataError(f"{FLAGS.prompt_file}: no prompts")
-        mesh = parallel.make_mesh(FLAGS.mesh)
-        model, params, tokenizer = load_trained(FLAGS.policy_from, mesh, flag="--policy_from")
-        sampling = SamplingConfig(max_new_tokens=FLAGS.max_new_tokens, eos_id=tokenizer.eos_id,
-                                  pad_id=tokenizer.pad_id, temperature=FLAGS.temperature,
-                                  top_p=FLAGS.top_p)
-        stop = tuple(s.encode().decode("unicode_escape") for s in FLAGS.stop)
-        out = []
-        for k in range(FLAGS.num_samples):
-            generations = generate(params, model, tokenizer, [r["prompt"] for r in records],
-                                   sampling=sampling, mesh=mesh, batch_size=FLAGS.batch_size,
-                                   rng=jax.random.fold_in(jax.random.key(FLAGS.seed), k),
-                                   stop=stop)
-            out += [(i, dict(r, response=g.text, sample=k, sum_logprob=g.sum_logprob,
-                             mean_logprob=g.mean_logprob, ended=g.ended))
-                    for i, (r, g) in enumerate(zip(records, generations))]
-        out = [row for _, row in sorted(out, key=lambda x: (x[0], x[1]["sample"]))]
-        write_jsonl_atomic(FLAGS.output, out)
-    except (ValueError, DataError, ConfigError, FileNotFoundError, CheckpointError) as e:
-        raise SystemExit(f"error: {e}") from None
+    records = [r for _, r in read_jsonl(FLAGS.prompt_file, required={"prompt": str})]
+    if not records:
+        raise DataError(f"{FLAGS.prompt_file}: no prompts")
+    mesh = parallel.make_mesh(FLAGS.mesh)
+    model, params, tokenizer = load_trained(FLAGS.policy_from, mesh, flag="--policy_from")
+    sampling = SamplingConfig(max_new_tokens=FLAGS.max_new_tokens, eos_id=tokenizer.eos_id,
+                              pad_id=tokenizer.pad_id, temperature=FLAGS.temperature,
+                              top_p=FLAGS.top_p)
+    stop = tuple(s.encode().decode("unicode_escape") for s in FLAGS.stop)
+    out = []
+    for k in range(FLAGS.num_samples):
+        generations = generate(params, model, tokenizer, [r["prompt"] for r in records],
+                               sampling=sampling, mesh=mesh, batch_size=FLAGS.batch_size,
+                               rng=jax.random.fold_in(jax.random.key(FLAGS.seed), k),
+                               stop=stop)
+        out += [(i, dict(r, response=g.text, sample=k, sum_logprob=g.sum_logprob,
+                         mean_logprob=g.mean_logprob, ended=g.ended))
+                for i, (r, g) in enumerate(zip(records, generations))]
+    out = [row for _, row in sorted(out, key=lambda x: (x[0], x[1]["sample"]))]
+    write_jsonl_atomic(FLAGS.output, out)
     print(f"{len(out)} samples ({FLAGS.num_samples} per prompt) of {len(records)} prompts "
           f"written to {FLAGS.output}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(user_facing(main, also=(ValueError,)))

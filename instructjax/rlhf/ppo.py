@@ -151,11 +151,13 @@ class PPOConfig:
     def use_ptx(self) -> bool:
         return self.gamma_ptx > 0
 
-    def rollout_config(self, *, eos_id: int, pad_id: int) -> rollout_lib.RolloutConfig:
+    def rollout_config(self, *, eos_id: int, pad_id: int,
+                       vocab_limit: int = 0) -> rollout_lib.RolloutConfig:
         return rollout_lib.RolloutConfig(
             max_new_tokens=self.max_new_tokens, eos_id=eos_id, pad_id=pad_id,
             temperature=self.temperature, top_p=self.top_p, gamma=self.gamma, lam=self.lam,
-            no_eos_penalty=self.no_eos_penalty, whiten_advantages=self.whiten_advantages)
+            no_eos_penalty=self.no_eos_penalty, whiten_advantages=self.whiten_advantages,
+            vocab_limit=vocab_limit)
 
     def loss_config(self) -> PPOLossConfig | PPOPtxLossConfig:
         ppo = PPOLossConfig(clip_eps=self.clip_eps, value_clip=self.value_clip,

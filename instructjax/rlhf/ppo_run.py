@@ -169,7 +169,10 @@ def _train(cfg: PPOConfig, run: wd.Run, mesh: Mesh, tokenizer: Tokenizer,
     value = Transformer(rl_model_config(value_cfg, compute_dtype=cfg.compute_dtype,
                                         remat=cfg.remat), head="scalar")
     models = rollout_models(policy, value, cfg.reward_from)
-    rollout_cfg = cfg.rollout_config(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    # Never sample an id the tokenizer cannot decode (a model sized above its tokenizer).
+    limit = tokenizer.vocab_size if tokenizer.vocab_size < policy_cfg.vocab_size else 0
+    rollout_cfg = cfg.rollout_config(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                                     vocab_limit=limit)
     tx, schedule = make_optimizer(cfg)
     abstract, shardings = abstract_ppo_state(policy, value, tx, mesh, cfg.init_kl_coef)
     # Each restore makes new buffers: the donated state never aliases the frozen params.

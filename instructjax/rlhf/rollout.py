@@ -63,6 +63,7 @@ class RolloutConfig:
     lam: float = 0.95
     no_eos_penalty: float | None = -1.0
     whiten_advantages: bool = True
+    vocab_limit: int = 0  # the tokenizer's size when the model's vocabulary is larger
 
     def __post_init__(self):
         if self.eos_id == self.pad_id:
@@ -73,7 +74,8 @@ class RolloutConfig:
     @property
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=self.max_new_tokens, eos_id=self.eos_id,
-                              pad_id=self.pad_id, temperature=self.temperature, top_p=self.top_p)
+                              pad_id=self.pad_id, temperature=self.temperature, top_p=self.top_p,
+                              vocab_limit=self.vocab_limit)
 
 
 @dataclasses.dataclass(frozen=True)
