@@ -1,6 +1,9 @@
-"""PPO iteration throughput: rollout vs learner, and our sampler vs Hugging Face `generate`.
+"""RL iteration throughput and where its time goes (sampling, scoring, update), for PPO
+and the value-free algorithms; our sampler vs Hugging Face `generate`.
 
   python -m benchmarks.ppo_iteration                           # demo model, batch 32
+  python -m benchmarks.ppo_iteration --algorithm=grpo --group_size=4 --nohf
+  python -m benchmarks.ppo_iteration --execution_run=runs/codex/rl   # a finished run's split
   python -m benchmarks.ppo_iteration --model=bench-512 --batch_size=16 --prompt_len=128
   python -m benchmarks.ppo_iteration --nohf                    # without the torch comparison
   python -m benchmarks.ppo_iteration --sampler_only            # sampler vs HF generate only
@@ -12,6 +15,11 @@ Reports, for random-init models of one size preset (policy = reference, value = 
   - learner tokens/s: tokens (prompt + response rows) through the policy and value
     forward + backward per second, over ppo_epochs x num_minibatches updates
   - seconds per PPO iteration: the one jitted iteration (rollout + learner + KL control)
+  - the per-phase split of the iteration: sampling (the sampler), scoring (rollout minus
+    sampler: the forward passes that give log-probs, values and the reward) and update
+    (the learner), each as a share of their sum
+--execution_run reads instead the phase times an execution-reward run measured in every
+iteration (metrics.jsonl: time/sample, time/sandbox, time/learn) and prints their shares.
 and the same generation with transformers' GPT2LMHeadModel.generate (torch, CPU, KV cache)
 on the same GPT-2 shape (n_embd, n_layer, n_head, vocab, MLP width; random init), batch and
 lengths, sampling on at temperature 1 with no top-k, min_new_tokens = max_new_tokens so
@@ -35,7 +43,11 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "demo", "Size preset (GPT-2 family for the HF comparison).")
-flags.DEFINE_integer("batch_size", 32, "Rollout batch (prompts).")
+flags.DEFINE_integer("batch_size", 32, "Rollout batch (responses).")
+flags.DEFINE_string("algorithm", "ppo", "ppo, grpo or rloo (instructjax/rlhf/algorithms.py).")
+flags.DEFINE_integer("group_size", 1, "Responses per prompt (grpo, rloo: >= 2).")
+flags.DEFINE_string("execution_run", "", "Report the phase split of this finished "
+                    "execution-reward run's metrics.jsonl instead.")
 flags.DEFINE_integer("prompt_len", 64, "Prompt tokens (no padding).")
 flags.DEFINE_integer("new_tokens", 24, "Generated tokens per prompt.")
 flags.DEFINE_integer("ppo_epochs", 4, "PPO epochs per iteration.")
@@ -112,18 +124,38 @@ def best_times_interleaved(fns: dict, repeats: int) -> dict[str, float]:
     return best
 
 
+def execution_split(workdir: str) -> None:
+    """Mean seconds per iteration of each phase an execution-reward run logged."""
+    import json
+    from pathlib import Path
+    keys = ("train/time/sample", "train/time/sandbox", "train/time/learn")
+    rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
+    rows = [r for r in rows if all(k in r for k in keys)]
+    if not rows:
+        raise SystemExit(f"error: {workdir}/metrics.jsonl has no {', '.join(keys)}: not an "
+                         "execution-reward run (experiments.rl --reward=execution)")
+    means = {k.rsplit("/", 1)[-1]: float(np.mean([r[k] for r in rows])) for k in keys}
+    total = sum(means.values())
+    print(f"{workdir}: {len(rows)} logged iterations, {total:.2f} s each on average")
+    for name, s in means.items():
+        print(f"  {name:<8} {s:8.3f} s  {100 * s / total:5.1f}%")
+
+
 def main(argv):
     del argv
+    if FLAGS.execution_run:
+        return execution_split(FLAGS.execution_run)
     from instructjax import parallel
     from instructjax.config import DataConfig, OptimConfig
     from instructjax.rl_losses import PolicyValueApply
     from instructjax.model.config import preset
     from instructjax.model.transformer import Transformer
-    from instructjax.rlhf import ppo, rollout
+    from instructjax.rlhf import ppo, rl_state, rollout
     from instructjax.sampling import sample
     from instructjax.train import state as state_lib
 
-    B, P, N = FLAGS.batch_size, FLAGS.prompt_len, FLAGS.new_tokens
+    B, P, N, G = FLAGS.batch_size, FLAGS.prompt_len, FLAGS.new_tokens, FLAGS.group_size
     mesh = parallel.make_mesh(FLAGS.mesh)
     model_cfg = preset(FLAGS.model, compute_dtype=FLAGS.compute_dtype)
     if P + N > model_cfg.max_len:
@@ -135,24 +167,29 @@ def main(argv):
         optim=OptimConfig(learning_rate=1e-5, warmup_steps=0), iterations=10,
         rollout_batch_size=B, max_prompt_len=P, max_new_tokens=N, ppo_epochs=FLAGS.ppo_epochs,
         num_minibatches=FLAGS.num_minibatches, gamma_ptx=FLAGS.gamma_ptx,
-        ptx_batch_size=FLAGS.ptx_batch_size, ptx_seq_len=FLAGS.ptx_seq_len)
-    policy, value = Transformer(model_cfg), Transformer(model_cfg, head="scalar")
-    models = rollout.RolloutModels(policy=policy, value=value, reward=value)
+        ptx_batch_size=FLAGS.ptx_batch_size, ptx_seq_len=FLAGS.ptx_seq_len,
+        algorithm=FLAGS.algorithm, group_size=G)
+    policy, scalar = Transformer(model_cfg), Transformer(model_cfg, head="scalar")
+    value = scalar if cfg.algo.uses_value_model else None
+    models = rollout.RolloutModels(policy=policy, value=value, reward=scalar)
     rollout_cfg = cfg.rollout_config(eos_id=eos, pad_id=pad)
     tx, schedule = ppo.make_optimizer(cfg)
-    abstract, shardings = ppo.abstract_ppo_state(policy, value, tx, mesh, cfg.init_kl_coef)
+    abstract, shardings = rl_state.abstract_ppo_state(policy, value, tx, mesh, cfg.init_kl_coef)
+    reward_abstract, reward_shardings = state_lib.abstract_params(scalar, mesh)
 
     def lm():
         return state_lib.init_params_sharded(policy, mesh, 2, jax.random.key(0))[0]
 
     def rm():
-        return ppo.init_scalar_from_lm(lm(), abstract.value_params, jax.random.key(1))
+        return rl_state.init_scalar_from_lm(lm(), reward_abstract, jax.random.key(1))
 
     frozen = {"reference": lm(), "reward": rm()}
-    state = ppo.init_ppo_state(lm(), rm(), tx, shardings, mesh, cfg.init_kl_coef)
+    state = rl_state.init_ppo_state(lm(), rm() if value is not None else {}, tx, shardings,
+                                    mesh, cfg.init_kl_coef)
     rng = np.random.default_rng(0)
+    # The sampler alone (and HF) on all B rows; the rollout repeats B / G prompts G times.
     prompts_BxP = rng.integers(3, model_cfg.vocab_size, (B, P)).astype(np.int32)
-    batch = {"prompt_tokens": prompts_BxP, "prompt_mask": np.ones((B, P), np.int32)}
+    batch = {"prompt_tokens": prompts_BxP[:B // G], "prompt_mask": np.ones((B // G, P), np.int32)}
     if cfg.use_ptx:
         R, T = cfg.num_updates * cfg.ptx_batch_size, cfg.ptx_seq_len
         toks = rng.integers(3, model_cfg.vocab_size, (R, T + 1)).astype(np.int32)
@@ -174,14 +211,15 @@ def main(argv):
     iteration = ppo.make_ppo_iteration(
         cfg, models=models, rollout_cfg=rollout_cfg, tx=tx, schedule=schedule, mesh=mesh,
         state_shardings=shardings,
-        frozen_shardings={"reference": shardings.params, "reward": shardings.value_params})
+        frozen_shardings={"reference": shardings.params, "reward": reward_shardings})
 
     trainable = state.trainable
     ptx = ({k[4:]: v for k, v in gbatch.items() if k.startswith("ptx_")}
            if cfg.use_ptx else None)
     results, compiles = {}, {}
-    run_sampler = lambda: sampler(trainable["policy"], gbatch["prompt_tokens"],  # noqa: E731
-                                  gbatch["prompt_mask"], key)
+    all_prompts = parallel.global_batch({"x": prompts_BxP, "m": np.ones((B, P), np.int32)}, mesh)
+    run_sampler = lambda: sampler(trainable["policy"], all_prompts["x"],  # noqa: E731
+                                  all_prompts["m"], key)
     compiles["sampler"] = compile_time(run_sampler)
     if FLAGS.hf:
         if model_cfg.family != "gpt2":
@@ -228,18 +266,27 @@ def report(results, compiles, model_cfg, cfg):
           f"({xla_cpu_threads()} CPU threads)  model: {FLAGS.model} "
           f"({model_cfg.num_params() / 1e6:.2f}M params, {FLAGS.compute_dtype})  batch {B}, "
           f"prompt {FLAGS.prompt_len}, new tokens {N}, {cfg.ppo_epochs} epochs x "
-          f"{cfg.num_minibatches} minibatches, gamma_ptx {cfg.gamma_ptx}")
+          f"{cfg.num_minibatches} minibatches, gamma_ptx {cfg.gamma_ptx}, {cfg.algorithm} "
+          f"(group {cfg.group_size})")
     print(f"  sampler    {generated / results['sampler']:10.0f} generated tokens/s  "
           f"({results['sampler']:.3f} s; compile {compiles['sampler']:.1f} s)")
     if "rollout" in results:
         print(f"  rollout    {generated / results['rollout']:10.0f} generated tokens/s  "
-              f"({results['rollout']:.3f} s incl. 4 scoring forward passes; compile "
+              f"({results['rollout']:.3f} s incl. {4 if cfg.algo.uses_value_model else 3} "
+              f"scoring forward passes; compile "
               f"{compiles['rollout']:.1f} s)")
+        trained = "policy + value" if cfg.algo.uses_value_model else "policy"
         print(f"  learner    {learner_tokens / results['learner']:10.0f} tokens/s through "
-              f"policy + value fwd+bwd ({results['learner']:.3f} s for {cfg.num_updates} "
+              f"{trained} fwd+bwd ({results['learner']:.3f} s for {cfg.num_updates} "
               f"updates; compile {compiles['learner']:.1f} s)")
-        print(f"  iteration  {results['iteration']:10.3f} s per PPO iteration "
+        print(f"  iteration  {results['iteration']:10.3f} s per iteration "
               f"(compile {compiles['iteration']:.1f} s)")
+        phases = {"sampling": results["sampler"],
+                  "scoring": max(results["rollout"] - results["sampler"], 0.0),
+                  "update": results["learner"]}
+        total = sum(phases.values())
+        print("  split      " + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in phases.items())
+              + f" (of {total:.3f} s; the one jitted iteration took {results['iteration']:.3f} s)")
     hf_runs = {k: v for k, v in results.items() if k.startswith("hf@")}
     if hf_runs:
         import torch

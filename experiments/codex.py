@@ -2,7 +2,8 @@
 
   code corpus -> base LM (embedded world; whitespace-run tokenizer) -> Codex (base fine-tuned
   on code) and the same model from scratch -> Codex-S data (generated problems, mined
-  functions) -> Codex-S (Codex fine-tuned on standalone functions) -> pass@k on generated
+  functions) -> Codex-S (Codex fine-tuned on standalone functions) -> optionally RL: GRPO
+  from execution feedback on the training families' problems -> pass@k on generated
   problems of held-out families and on new problems of the training families (temperature
   sweeps, rankings) and on HumanEval; Codex-D (docstrings) by back-translation -> the report
 
@@ -36,6 +37,9 @@ flags.DEFINE_string("codex_d_flags", "", "Flagfile of the Codex-D fine-tuning (d
 flags.DEFINE_string("backtranslation_flags", "", "Flagfile of experiments.backtranslate "
                     "(Codex-D docstrings -> Codex-S code -> tests, on the new problems of the "
                     "training families); used with --codex_d_flags.")
+flags.DEFINE_string("rl_flags", "", "Flagfile of experiments.rl from execution feedback "
+                    "(starts from Codex-S; rewarded on the training problems only); empty = "
+                    "left out.")
 flags.DEFINE_string("passk_flags", None, "Flagfile of experiments.passk on the held-out "
                     "generated problems (a temperature sweep).")
 flags.DEFINE_string("passk_new_flags", "", "Flagfile of experiments.passk on new problems "
@@ -46,6 +50,13 @@ flags.DEFINE_float("ranking_temperature", 0.8, "Temperature whose samples the ra
                    "(mean/sum log-prob, random, oracle) are compared at; must be sampled.")
 
 STAGE_SECONDS = "stage_seconds.json"
+# The only problems the RL stage is rewarded on: the training families' (codex_data).
+RL_PROBLEMS = "problems_train.jsonl"
+
+
+def models(with_rl: bool) -> tuple[str, ...]:
+    """The models whose pass@k the story measures."""
+    return ("codex", "codex_s", "rl") if with_rl else ("codex", "codex_s")
 
 
 def run_stages(root: Path) -> dict[str, float]:
@@ -77,7 +88,11 @@ def run_stages(root: Path) -> dict[str, float]:
     train("codex_s", "experiments.sft", FLAGS.codex_s_flags, [
         f"--init_from={root / 'codex'}", f"--train_files={codex_data / 'codex_s_train.jsonl'}",
         f"--eval_files={codex_data / 'codex_s_eval.jsonl'}"])
-    for model in ("codex", "codex_s"):
+    if FLAGS.rl_flags:
+        train("rl", "experiments.rl", FLAGS.rl_flags, [
+            f"--policy_from={root / 'codex_s'}", f"--prompt_file={codex_data / RL_PROBLEMS}"],
+            flag="rl_flags")
+    for model in models(bool(FLAGS.rl_flags)):
         out = root / "passk" / model
         stage(f"passk_{model}", "experiments.passk", FLAGS.passk_flags, out / "summary.json",
               [f"--checkpoint={root / model}", f"--problems={codex_data / 'problems_test.jsonl'}",
@@ -127,8 +142,9 @@ def main(argv):
                  else {})
     result = story.build_story(
         pretrained_run=root / "codex", scratch_run=root / "scratch",
-        heldout={m: root / "passk" / m for m in ("codex", "codex_s")}, humaneval=humaneval,
-        new_instances=({m: root / "passk_new" / m for m in ("codex", "codex_s")}
+        heldout={m: root / "passk" / m for m in models(bool(FLAGS.rl_flags))},
+        humaneval=humaneval,
+        new_instances=({m: root / "passk_new" / m for m in models(bool(FLAGS.rl_flags))}
                        if FLAGS.passk_new_flags else None),
         backtranslation=(root / "backtranslation" if FLAGS.codex_d_flags
                          and FLAGS.backtranslation_flags else None),

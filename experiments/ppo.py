@@ -1,111 +1,13 @@
-"""PPO / PPO-ptx against a reward model, starting from an SFT policy (InstructGPT step 3).
+"""PPO / PPO-ptx against a reward model, starting from an SFT policy (InstructGPT step 3):
+`experiments.rl`, whose defaults are PPO's (--algorithm=ppo).
 
   python -m experiments.ppo --flagfile=experiments/configs/demo_ppo.flags \
       --policy_from=runs/demo/sft --reward_from=runs/demo/reward --workdir=runs/demo/ppo
-
-Shared flags (mesh, optimiser, cadence, data, multi-process) are those of the LM experiments
-(experiments/common.py); the model comes from --policy_from / --reward_from, so the flags
-that choose or size a model or an LM batch are rejected here. The PPO workdir is a finished
-LM run for later stages: load_trained(workdir) gives the policy.
 """
 
-from __future__ import annotations
+from absl import app
 
-
-from absl import app, flags
-
-from experiments import common
-
-FLAGS = flags.FLAGS
-
-flags.DEFINE_string("policy_from", None, "SFT workdir: the initial policy and the KL reference.")
-flags.DEFINE_string("reward_from", None,
-                    "Reward-model workdir: the reward and the value model's initialisation.")
-flags.DEFINE_string("prompt_file", "", "Prompt JSONL ({'prompt': ...}); default: the embedded "
-                    "world's prompts_train.jsonl in --data_dir.")
-flags.DEFINE_string("ptx_file", "", "Pretraining JSONL ({'text': ...}) for PPO-ptx; default: the "
-                    "embedded world's pretrain_train.jsonl in --data_dir.")
-flags.DEFINE_integer("iterations", 100, "PPO iterations (rollout + update each).")
-flags.DEFINE_integer("rollout_batch_size", 32, "Prompts (responses) per iteration, global.")
-flags.DEFINE_integer("max_prompt_len", 64, "Prompt tokens (left-padded; longer prompts keep "
-                     "their last tokens).")
-flags.DEFINE_integer("max_new_tokens", 24, "Response tokens sampled per prompt.")
-flags.DEFINE_float("temperature", 1.0, "Sampling temperature; log-probs use the same.")
-flags.DEFINE_integer("ppo_epochs", 4, "Passes over each rollout batch.")
-flags.DEFINE_integer("num_minibatches", 4, "Minibatches (optimiser updates) per epoch.")
-flags.DEFINE_float("clip_eps", 0.2, "PPO ratio clip.")
-flags.DEFINE_string("value_clip", "0.2", "Value-change clip; empty = unclipped.")
-flags.DEFINE_float("vf_coef", 0.1, "Value-loss weight.")
-flags.DEFINE_float("entropy_coef", 0.0, "Entropy bonus (InstructGPT: 0).")
-flags.DEFINE_float("init_kl_coef", 0.02, "Initial (or fixed) KL coefficient beta.")
-flags.DEFINE_string("kl_target", "", "Adaptive KL controller target (nats per response); "
-                    "empty = fixed beta.")
-flags.DEFINE_float("kl_horizon", 10000.0, "Adaptive KL controller horizon (episodes).")
-flags.DEFINE_float("gamma", 1.0, "GAE discount.")
-flags.DEFINE_float("lam", 0.95, "GAE lambda.")
-flags.DEFINE_string("no_eos_penalty", "-1.0", "Score of responses without EOS within "
-                    "--max_new_tokens; empty = keep the RM score.")
-flags.DEFINE_float("gamma_ptx", 0.0, "Pretraining-loss weight (PPO-ptx); 0 = plain PPO.")
-flags.DEFINE_integer("ptx_batch_size", 8, "Pretraining rows per optimiser update (PPO-ptx).")
-flags.DEFINE_integer("ptx_seq_len", 128, "Tokens per pretraining row (PPO-ptx).")
-
-# experiments/common.py flags that have no meaning here.
-REJECTED = {
-    "model": "the policy's model comes from --policy_from",
-    "model_override": "the models come from --policy_from / --reward_from",
-    "init_from": "use --policy_from and --reward_from",
-    "steps": "use --iterations",
-    "batch_size": "use --rollout_batch_size (and --ptx_batch_size)",
-    "seq_len": "use --max_prompt_len / --max_new_tokens (and --ptx_seq_len)",
-    "tokenizer_path": "the tokenizer comes from --policy_from",
-    "vocab_size": "the tokenizer comes from --policy_from",
-    "dropout_rate": "dropout is always off in RL",
-    "train_files": "use --prompt_file / --ptx_file",
-    "eval_files": "use --prompt_file / --ptx_file",
-    "eval_every": "PPO has no eval loop; score held-out prompts with the report",
-    "rm_read": "the reward is read as the --reward_from model was trained (its workdir says)",
-}
-
-
-def _optional_float(name: str) -> float | None:
-    text = getattr(FLAGS, name).strip()
-    if not text or text.lower() == "none":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"--{name} must be a number or empty, got {text!r}") from None
-
-
-def config_from_flags():
-    from instructjax.rlhf.ppo import PPOConfig
-    for name, why in REJECTED.items():
-        if FLAGS[name].present:
-            raise ValueError(f"--{name} does not apply to PPO: {why}")
-    base = common.run_config_from_flags("sft")  # shared optimiser / data / loop flags
-    return PPOConfig(
-        workdir=FLAGS.workdir, policy_from=FLAGS.policy_from or "",
-        reward_from=FLAGS.reward_from or "", data=base.data,
-        optim=base.optim,
-        prompt_file=FLAGS.prompt_file, ptx_file=FLAGS.ptx_file, mesh=FLAGS.mesh,
-        iterations=FLAGS.iterations, rollout_batch_size=FLAGS.rollout_batch_size,
-        max_prompt_len=FLAGS.max_prompt_len, max_new_tokens=FLAGS.max_new_tokens,
-        temperature=FLAGS.temperature, ppo_epochs=FLAGS.ppo_epochs,
-        num_minibatches=FLAGS.num_minibatches, grad_accum_steps=FLAGS.grad_accum_steps,
-        clip_eps=FLAGS.clip_eps, value_clip=_optional_float("value_clip"),
-        vf_coef=FLAGS.vf_coef, entropy_coef=FLAGS.entropy_coef,
-        init_kl_coef=FLAGS.init_kl_coef, kl_target=_optional_float("kl_target"),
-        kl_horizon=FLAGS.kl_horizon, gamma=FLAGS.gamma, lam=FLAGS.lam,
-        no_eos_penalty=_optional_float("no_eos_penalty"), gamma_ptx=FLAGS.gamma_ptx,
-        ptx_batch_size=FLAGS.ptx_batch_size, ptx_seq_len=FLAGS.ptx_seq_len,
-        compute_dtype=FLAGS.compute_dtype if FLAGS["compute_dtype"].present else "",
-        remat=FLAGS.remat, seed=FLAGS.seed, log_every=FLAGS.log_every,
-        checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
-        allow_config_change=FLAGS.allow_config_change)
-
-
-main = common.experiment_main(config_from_flags, "instructjax.rlhf.ppo_run:train_ppo")
-
+from experiments.rl import main
 
 if __name__ == "__main__":
     app.run(main)

@@ -184,13 +184,13 @@ def ppo_program(cfg: PlanConfig, mesh) -> Program:
     """The PPO / PPO-ptx iteration of rlhf/ppo_run.py on abstract inputs: rollout (sampling,
     policy/reference/value/reward forward passes) and all PPO updates. The policy and value
     models share the preset (the value model starts as the reward model)."""
-    from instructjax.rlhf import ppo, rollout
+    from instructjax.rlhf import ppo, rl_state, rollout
     ppo_cfg = cfg.ppo_config()
     model_cfg = cfg.model_config()
     policy, value = Transformer(model_cfg), Transformer(model_cfg, head="scalar")
     models = rollout.RolloutModels(policy=policy, value=value, reward=value)
     tx, schedule = ppo.make_optimizer(ppo_cfg)
-    state, shardings = ppo.abstract_ppo_state(policy, value, tx, mesh, ppo_cfg.init_kl_coef)
+    state, shardings = rl_state.abstract_ppo_state(policy, value, tx, mesh, ppo_cfg.init_kl_coef)
     frozen = {"reference": state.params, "reward": state.value_params}
     step = ppo.make_ppo_iteration(
         ppo_cfg, models=models, rollout_cfg=ppo_cfg.rollout_config(eos_id=_EOS, pad_id=_PAD),

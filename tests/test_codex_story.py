@@ -226,10 +226,14 @@ STAGES = {
                         "--max_docstring_tokens=8", "--max_new_tokens=12", "--batch_size=16"],
     "humaneval": ["--temperature=0.2", "--n_samples=1", "--k=1", "--max_new_tokens=12",
                   "--batch_size=64"],
+    "rl": ["--algorithm=grpo", "--group_size=2", "--rollout_batch_size=4", "--iterations=2",
+           "--num_minibatches=1", "--ppo_epochs=1", "--max_prompt_len=128",
+           "--max_new_tokens=12", "--timeout_s=2", "--memory_mb=256", "--workers=2",
+           "--checkpoint_every=2", "--reward=execution"],
 }
-ALL_STAGES = ("corpus", "base", "codex", "scratch", "codex_data", "codex_s", "passk_codex",
-              "passk_new_codex", "passk_codex_s", "passk_new_codex_s", "codex_d",
-              "backtranslation", "humaneval")
+ALL_STAGES = ("corpus", "base", "codex", "scratch", "codex_data", "codex_s", "rl",
+              "passk_codex", "passk_new_codex", "passk_codex_s", "passk_new_codex_s",
+              "passk_rl", "passk_new_rl", "codex_d", "backtranslation", "humaneval")
 
 
 def _story(tmp_path, flagfiles):
@@ -257,8 +261,17 @@ def test_codex_story_runs_every_stage_then_skips_them(tmp_path):
                  "passk_new/codex/summary.json", "passk_new/codex_s/summary.json",
                  "codex_d/final_eval.json", "backtranslation/summary.json",
                  "backtranslation/docstrings.jsonl",
-                 "passk/humaneval_codex_s/summary.json"):
+                 "passk/humaneval_codex_s/summary.json", "rl/final_eval.json",
+                 "passk/rl/summary.json", "passk_new/rl/summary.json"):
         assert (run / path).is_file(), path
+    # RL is rewarded on the training families' problems only, which share no task with the
+    # held-out families or the new problems it is evaluated on.
+    rl_config = json.loads((run / "rl" / "run_config.json").read_text())["config"]
+    assert rl_config["prompt_file"] == str(run / "codex_data" / "problems_train.jsonl")
+    rewarded = {json.loads(l)["task_id"] for l in open(rl_config["prompt_file"])}
+    for held_out in ("problems_test.jsonl", "problems_new_instances.jsonl"):
+        assert not rewarded & {json.loads(l)["task_id"] for l in
+                               open(run / "codex_data" / held_out)}, held_out
     # the from-scratch run shares the base's tokenizer but not its weights
     assert (run / "scratch" / "tokenizer.model").read_bytes() == \
         (run / "base" / "tokenizer.model").read_bytes()
@@ -270,7 +283,7 @@ def test_codex_story_runs_every_stage_then_skips_them(tmp_path):
     assert list(saved["loss_curves"]["pretrained"]) == ["2", "4"]
     for title, temperatures in ((FAMILIES, ["0.2", "0.8"]), (story.NEW_INSTANCES, ["0.8"])):
         evaluation = saved["evaluations"][title]
-        for model in ("codex", "codex_s"):
+        for model in ("codex", "codex_s", "rl"):
             sweep = evaluation["runs"][model]["by_temperature"]
             assert list(sweep) == temperatures
             assert all(r["n_samples"] == 2 and 0 <= r["pass_at_k"]["1"] <= 1
@@ -299,6 +312,31 @@ def test_codex_story_runs_every_stage_then_skips_them(tmp_path):
     assert second.stderr.count("done already") == len(ALL_STAGES), second.stderr[-3000:]
     again = json.loads((run / "story" / "story.json").read_text())
     assert again["stage_seconds"] == saved["stage_seconds"]
+
+
+# RL after Codex-S: more reliable at T = 0.2, fewer problems ever solved at T = 0.8.
+RL = {0.2: [[P, P, P, P], [P, P, P, P], [F, F, F, F]],
+      0.8: [[P, P, P, P], [P, P, P, F], [F, F, F, F]]}
+
+
+def test_story_compares_rl_with_codex_s_as_measured(stage_outputs):
+    _write_sweep(stage_outputs / "passk" / "rl", RL)
+    runs = {m: stage_outputs / "passk" / m for m in ("codex", "codex_s", "rl")}
+    result = story.build_story(pretrained_run=stage_outputs / "codex",
+                               scratch_run=stage_outputs / "scratch", heldout=runs,
+                               humaneval={}, ranking_temperature=0.8)
+
+    def measured(model, t, k):
+        return json.loads((runs[model] / f"temperature_{t}" / "summary.json").read_text())[
+            "pass_at_k"][k]
+
+    rl = result["evaluations"][FAMILIES]["rl"]
+    assert rl == {"pass@1 at T = 0.2": {m: measured(m, "0.2", "1") for m in ("codex_s", "rl")},
+                  "pass@4 at T = 0.8": {m: measured(m, "0.8", "4") for m in ("codex_s", "rl")}}
+    claims = result["paper_effects"]
+    assert claims[f"{FAMILIES}: RL from execution feedback > Codex-S, pass@1 at T = 0.2"]
+    assert not claims[f"{FAMILIES}: RL from execution feedback > Codex-S, pass@4 at T = 0.8"]
+    assert "RL from execution feedback vs Codex-S, pass@4 at T = 0.8" in story.format_story(result)
 
 
 def test_story_reports_backtranslation_next_to_original_docstrings(stage_outputs):

@@ -16,7 +16,7 @@ import pytest
 
 from instructjax import parallel
 from instructjax.model.transformer import Transformer
-from instructjax.rlhf import ppo
+from instructjax.rlhf import rl_state
 from instructjax.train import checkpoint as ckpt_lib, state as state_lib
 from instructjax.train.workdir import load_model_config, load_trained
 
@@ -123,13 +123,15 @@ def test_two_processes_equal_one_and_checkpoints_move_between_them(single, tmp_p
     assert json.loads((one_then_two / "final_eval.json").read_text())["step"] == 6
 
 
-def test_ppo_iteration_two_processes_equals_one(single, tmp_path):
+# PPO in CI; the value-free program (GRPO: group sampling, no value model) in the slow set.
+@pytest.mark.parametrize("algorithm", ["ppo", pytest.param("grpo", marks=pytest.mark.slow)])
+def test_rl_iteration_two_processes_equals_one(single, tmp_path, algorithm):
     lm = single / "single"
     mesh = parallel.make_mesh("data:1,fsdp:1,tensor:1", jax.devices()[:1])
     model, lm_params, _ = load_trained(lm, mesh)
     scalar = state_lib.abstract_params(Transformer(model.cfg, head="scalar"), mesh)[0]
     fake_run(tmp_path / "rm", lm / "tokenizer.model", model.cfg,
-             ppo.init_scalar_from_lm(lm_params, scalar, jax.random.key(1)))
+             rl_state.init_scalar_from_lm(lm_params, scalar, jax.random.key(1)))
 
     def flags(workdir):
         return [f"--workdir={workdir}", f"--data_dir={single / 'data'}", f"--policy_from={lm}",
@@ -138,10 +140,11 @@ def test_ppo_iteration_two_processes_equals_one(single, tmp_path):
                 "--rollout_batch_size=8", "--max_prompt_len=16", "--max_new_tokens=6",
                 "--ppo_epochs=2", "--num_minibatches=2", "--gamma_ptx=1.0", "--ptx_batch_size=4",
                 "--ptx_seq_len=32", "--learning_rate=1e-3", "--warmup_steps=0", "--log_every=1",
-                SHARDS]
+                SHARDS, f"--algorithm={algorithm}",
+                f"--group_size={1 if algorithm == 'ppo' else 2}"]
 
-    _one_process("experiments.ppo", flags(tmp_path / "one"))
-    _two_processes("experiments.ppo", flags(tmp_path / "two"), tmp_path / "logs")
+    _one_process("experiments.rl", flags(tmp_path / "one"))
+    _two_processes("experiments.rl", flags(tmp_path / "two"), tmp_path / "logs")
     one, two = _ppo_metrics(tmp_path / "one"), _ppo_metrics(tmp_path / "two")
     assert one.keys() == two.keys() and "train/policy_loss" in one
     for name in one:

@@ -22,7 +22,7 @@ from instructjax.data.pipeline import lm_dataset
 from instructjax.data.tokenizer import train_tokenizer
 from instructjax.model.config import preset
 from instructjax.model.transformer import Transformer
-from instructjax.rlhf import ppo, ppo_run, rollout
+from instructjax.rlhf import ppo, ppo_run, rl_inputs, rl_state, rollout
 from instructjax.sampling import left_pad
 from instructjax.train import checkpoint as ckpt_lib, loop, state as state_lib
 from instructjax.train.metrics import MetricsWriter
@@ -58,12 +58,12 @@ class Harness:
                                             score_fn=score_fn)
         self.rollout_cfg = cfg.rollout_config(eos_id=EOS, pad_id=PAD)
         self.tx, schedule = ppo.make_optimizer(cfg)
-        self.abstract, self.shardings = ppo.abstract_ppo_state(policy, value, self.tx, mesh,
+        self.abstract, self.shardings = rl_state.abstract_ppo_state(policy, value, self.tx, mesh,
                                                                cfg.init_kl_coef)
         if host_params is None:  # initialise into this mesh's shards
             self.lm_params = state_lib.init_params_sharded(policy, mesh, 2,
                                                            jax.random.key(seed))[0]
-            self.rm_params = ppo.init_scalar_from_lm(self.lm_params, self.abstract.value_params,
+            self.rm_params = rl_state.init_scalar_from_lm(self.lm_params, self.abstract.value_params,
                                                      jax.random.key(seed + 1))
         else:  # the same numbers as another harness, placed onto this mesh
             self.lm_params = jax.device_put(host_params[0], self.shardings.params)
@@ -84,7 +84,7 @@ class Harness:
         return jax.tree.map(jnp.copy, self.rm_params)
 
     def init_state(self):
-        return ppo.init_ppo_state(self._lm(), self._rm(), self.tx, self.shardings, self.mesh,
+        return rl_state.init_ppo_state(self._lm(), self._rm(), self.tx, self.shardings, self.mesh,
                                   self.cfg.init_kl_coef)
 
     def step(self, state, batch, base_rng):
@@ -247,11 +247,11 @@ def toy(world_data):
 
 def _inputs(cfg, data):
     tok = data["tokenizer"]
-    prompts = rollout.prompt_dataset(data["prompts"], tok, max_prompt_len=cfg.max_prompt_len,
+    prompts = rl_inputs.prompt_dataset(data["prompts"], tok, max_prompt_len=cfg.max_prompt_len,
                                      batch_size=cfg.rollout_batch_size, seed=0)
     ptx = lm_dataset(data["texts"], tok, seq_len=cfg.ptx_seq_len,
                      batch_size=cfg.num_updates * cfg.ptx_batch_size, seed=1)
-    return rollout.PPOInputs(iter(prompts), iter(ptx))
+    return rl_inputs.PPOInputs(iter(prompts), iter(ptx))
 
 
 def test_toy_reward_rises_and_kl_grows_from_zero(toy, world_data):
@@ -301,7 +301,7 @@ def test_resume_in_process_is_exact(toy, world_data, tmp_path):
 # ----------------------------------------------------------------------------- end to end
 
 def _ppo_cmd(workdir, data_dir, sft, rm, *extra):
-    return [sys.executable, "-m", "experiments.ppo", f"--workdir={workdir}",
+    return [sys.executable, "-m", "experiments.rl", f"--workdir={workdir}",
             f"--data_dir={data_dir}", f"--policy_from={sft}", f"--reward_from={rm}",
             "--world_pretrain_docs=150", "--world_sft_train=50", "--world_eval=20",
             "--world_prompts=40", "--iterations=6", "--rollout_batch_size=8",
@@ -323,20 +323,22 @@ def stage_dirs(world_data):
     lm_params = state_lib.init_params_sharded(Transformer(model_cfg), mesh, 2,
                                               jax.random.key(0))[0]
     scalar_abstract = state_lib.abstract_params(Transformer(model_cfg, head="scalar"), mesh)[0]
-    rm_params = ppo.init_scalar_from_lm(lm_params, scalar_abstract, jax.random.key(1))
+    rm_params = rl_state.init_scalar_from_lm(lm_params, scalar_abstract, jax.random.key(1))
     fake_run(root / "sft", tok, model_cfg, lm_params)
     fake_run(root / "rm", tok, model_cfg, rm_params)
     return root
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_equals_uninterrupted(stage_dirs, tmp_path):
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_sigkill_then_resume_equals_uninterrupted(stage_dirs, tmp_path, algorithm):
     data, sft, rm = stage_dirs / "data", stage_dirs / "sft", stage_dirs / "rm"
+    extra = (f"--algorithm={algorithm}", f"--group_size={1 if algorithm == 'ppo' else 2}")
     straight = tmp_path / "straight"
-    subprocess.run(_ppo_cmd(straight, data, sft, rm), check=True, cwd=ROOT, env=_env(),
+    subprocess.run(_ppo_cmd(straight, data, sft, rm, *extra), check=True, cwd=ROOT, env=_env(),
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_ppo_cmd(killed, data, sft, rm), cwd=ROOT, env=_env(),
+    proc = subprocess.Popen(_ppo_cmd(killed, data, sft, rm, *extra), cwd=ROOT, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not (killed / "checkpoints" / "4").exists():
@@ -345,7 +347,7 @@ def test_sigkill_then_resume_equals_uninterrupted(stage_dirs, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    subprocess.run(_ppo_cmd(killed, data, sft, rm), check=True, cwd=ROOT, env=_env(),
+    subprocess.run(_ppo_cmd(killed, data, sft, rm, *extra), check=True, cwd=ROOT, env=_env(),
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
 
     from instructjax.train.workdir import load_trained
@@ -353,9 +355,10 @@ def test_sigkill_then_resume_equals_uninterrupted(stage_dirs, tmp_path):
     _, a, _ = load_trained(straight, mesh)
     _, b, _ = load_trained(killed, mesh)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
-    va = ppo_run.load_value_model(straight, mesh)[1]
-    vb = ppo_run.load_value_model(killed, mesh)[1]
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(va), jax.device_get(vb))
+    if algorithm == "ppo":
+        va = ppo_run.load_value_model(straight, mesh)[1]
+        vb = ppo_run.load_value_model(killed, mesh)[1]
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(va), jax.device_get(vb))
     assert json.loads((killed / "final_eval.json").read_text())["step"] == 6
     run_config = json.loads((killed / "run_config.json").read_text())
     assert run_config["config"]["gamma_ptx"] == 1.0 and "jax" in run_config["versions"]
@@ -370,7 +373,7 @@ def test_bad_settings_give_clear_errors(tmp_path):
         _cfg(temperature=0.0)
     sft, rm = tmp_path / "sft_nope", tmp_path / "rm_nope"
     for extra, message in [
-            (["--steps=3"], "error: --steps does not apply to PPO: use --iterations"),
+            (["--steps=3"], "error: --steps does not apply to RL: use --iterations"),
             ([], f"error: {sft / 'tokenizer.model'} not found")]:
         result = subprocess.run(_ppo_cmd(tmp_path / "w", tmp_path / "data", sft, rm, *extra),
                                 cwd=ROOT,

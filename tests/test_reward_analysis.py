@@ -19,7 +19,7 @@ from instructjax.data.comparisons import write_comparisons
 from instructjax.data.world import gold, labelers
 from instructjax.losses import make_apply
 from instructjax.model.transformer import Transformer
-from instructjax.rlhf import ppo, ppo_run, reward_analysis, rollout
+from instructjax.rlhf import ppo_run, reward_analysis, rl_state, rollout
 from instructjax.sampling import left_pad
 from instructjax.train import state as state_lib
 from instructjax.train import run, workdir
@@ -74,7 +74,7 @@ def runs(tmp_path_factory):
     files, cfg, lm = tiny_world_policy(root, mesh)
     scalar = state_lib.abstract_params(Transformer(cfg, head="scalar"), mesh)[0]
     fake_run(root / "reward", root / "tokenizer.model", cfg,
-             ppo.init_scalar_from_lm(lm, scalar, jax.random.key(1)))
+             rl_state.init_scalar_from_lm(lm, scalar, jax.random.key(1)))
     tasks = [t for _, t in read_jsonl(files["prompts_eval"], required={"prompt": str})]
     rng = random.Random(0)
     sets = [labelers.perturbed_responses(t, rng, rng.randint(4, 6)) for t in tasks]
@@ -141,8 +141,8 @@ def test_reward_read_recorded_in_the_workdir_is_what_ppo_uses(runs, tmp_path):
     shutil.copytree(root / "reward", pooled_dir)
     shutil.copy(tmp_path / "rm" / workdir.REWARD_CONFIG_FILE, pooled_dir)
     model = Transformer(cfg, head="scalar")
-    assert ppo_run.rollout_models(Transformer(cfg), model, pooled_dir).reward_read == "pooled"
-    assert ppo_run.rollout_models(Transformer(cfg), model, root / "reward").reward_read == "eos"
+    assert ppo_run.rollout_models(Transformer(cfg), model, model, pooled_dir).reward_read == "pooled"
+    assert ppo_run.rollout_models(Transformer(cfg), model, model, root / "reward").reward_read == "eos"
 
 
 def test_log_likelihood_is_the_responses_and_eos_tokens_only(runs):

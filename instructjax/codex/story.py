@@ -144,6 +144,33 @@ def passk_effects(run: dict, ranking_temperature: float) -> dict:
 
 
 NEW_INSTANCES = "new problems of the training families"
+# RL from execution feedback against Codex-S: pass@1 at a low temperature, the largest k at
+# a high one (the RL literature reports the first rising while the second falls).
+RL_COMPARISONS = ((0.2, "1"), (0.8, "largest"))
+
+
+def pass_at(run: dict, temperature: float, k: str) -> tuple[str, float] | None:
+    """(k, pass@k over all problems) at `temperature`; k "largest" = the largest k sampled
+    there. None when that temperature or k was not sampled."""
+    r = run["by_temperature"].get(f"{temperature:g}")
+    if r is None:
+        return None
+    values = r["pass_at_k_all_problems"]
+    k = max(values, key=int) if k == "largest" else k
+    return (k, values[k]) if k in values else None
+
+
+def rl_effects(runs: dict) -> dict[str, dict]:
+    """{'pass@k at T = t': {'codex_s': .., 'rl': ..}} for RL_COMPARISONS ({} without an
+    'rl' run)."""
+    if "rl" not in runs:
+        return {}
+    out = {}
+    for t, k in RL_COMPARISONS:
+        got = {m: pass_at(runs[m], t, k) for m in ("codex_s", "rl")}
+        if None not in got.values():
+            out[f"pass@{got['rl'][0]} at T = {t:g}"] = {m: v for m, (_, v) in got.items()}
+    return out
 
 
 def build_story(*, pretrained_run: str | Path, scratch_run: str | Path,
@@ -171,7 +198,11 @@ def build_story(*, pretrained_run: str | Path, scratch_run: str | Path,
     for title, dirs in sets.items():
         runs = {name: read_passk_run(d) for name, d in dirs.items()}
         effects = {name: passk_effects(r, ranking_temperature) for name, r in runs.items()}
-        evaluations[title] = {"runs": runs, "effects": effects}
+        rl = rl_effects(runs)
+        evaluations[title] = {"runs": runs, "effects": effects, "rl": rl}
+        for what, v in rl.items():
+            claims[f"{title}: RL from execution feedback > Codex-S, {what}"] = (
+                v["rl"] > v["codex_s"])
         claims[f"{title}: Codex-S pass@1 > Codex pass@1 (best temperature each)"] = (
             effects["codex_s"]["best_pass_at_1"] > effects["codex"]["best_pass_at_1"])
         for name, e in effects.items():
@@ -258,6 +289,9 @@ def format_story(story: dict) -> str:
                                                        for v in by_family.values()))
         lines += ["", f"Codex vs Codex-S, pass@1 at the best temperature ({title}): " +
                   ", ".join(f"{n} {e['best_pass_at_1']:.3f}" for n, e in ev["effects"].items())]
+        for what, v in ev.get("rl", {}).items():
+            lines.append(f"RL from execution feedback vs Codex-S, {what} ({title}): "
+                         f"rl {v['rl']:.3f}, codex_s {v['codex_s']:.3f}")
     bt = story.get("backtranslation")
     if bt:
         lines += ["", f"Codex-D by back-translation ({bt['num_problems']} {NEW_INSTANCES}, "

@@ -68,7 +68,7 @@ def generate(params, model, tokenizer: Tokenizer, prompts: list[str], *,
             cut = min((c for c in (text.find(s) for s in stop) if c >= 0), default=-1)
             if cut >= 0:
                 text, ended = text[:cut], True
-                ids = _prefix_spelling(tokenizer, text_ids, cut)
+                ids = prefix_spelling(tokenizer, text_ids, cut)
                 logps = logps[:len(ids)]
             outputs.append(Generation(
                 prompt=prompts[start + i], text=text, tokens=ids,
@@ -77,7 +77,7 @@ def generate(params, model, tokenizer: Tokenizer, prompts: list[str], *,
     return outputs
 
 
-def _prefix_spelling(tokenizer: Tokenizer, ids: list[int], n_chars: int) -> list[int]:
+def prefix_spelling(tokenizer: Tokenizer, ids: list[int], n_chars: int) -> list[int]:
     """The shortest prefix of `ids` whose text covers the first n_chars characters."""
     for n in range(len(ids) + 1):
         if len(tokenizer.decode(ids[:n])) >= n_chars:

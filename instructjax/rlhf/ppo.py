@@ -1,12 +1,16 @@
-"""PPO and PPO-ptx (InstructGPT): the train state, the one jitted PPO iteration, and the run.
+"""The RL iteration (PPO and PPO-ptx as in InstructGPT; GRPO and RLOO, algorithms.py):
+its configuration and the one jitted function.
 
 One iteration = ONE jitted function (explicit shardings, donated state):
 
-  1. rollout: sample a response to each left-padded prompt at the sampling temperature;
-     recompute log-probs (policy and reference, tempered), values (value model) and the RM
-     score, read as the RM was trained (its last real token, or 'pooled'; rollout.py);
+  1. rollout: sample `group_size` responses to each left-padded prompt at the sampling
+     temperature; recompute log-probs (policy and reference, tempered), values (value
+     model, PPO only) and the RM score, read as the RM was trained (its last real token,
+     or 'pooled'; rollout.py);
   2. rewards: -beta * (log pi - log pi_ref) per token + the score at the last token (a fixed
-     penalty score when no EOS was produced); GAE(gamma, lam); advantages whitened;
+     penalty score when no EOS was produced); GAE(gamma, lam), advantages whitened; or, for
+     value-free algorithms, one outcome reward per response and its group-relative
+     advantage on each of its tokens;
   3. update: `ppo_epochs` epochs, each a fresh permutation of the rollout rows split into
      `num_minibatches` minibatches, all E * M optimiser updates one `lax.scan`. The objective
      is rl_losses.ppo_loss, or rl_losses.ppo_ptx_loss with each update paired with its own
@@ -15,7 +19,7 @@ One iteration = ONE jitted function (explicit shardings, donated state):
   4. the KL controller (fixed, or adaptive with target + horizon) updates beta from the
      rollout's mean sequence KL.
 
-State layout (PPOState): `params` are the POLICY params, `value_params` the value model's,
+State layout (rl_state.PPOState): `params` are the POLICY params, `value_params` the value model's,
 `opt_state` the optimiser state of the trainable tree {'policy': params, 'value':
 value_params} (one optax optimiser), `kl` = {'beta'}. Keeping the policy under `params` is
 what makes a PPO workdir a finished LM run: `load_trained(ppo_workdir)` (and
@@ -25,7 +29,9 @@ policy's model_config.json and tokenizer.model. The value model's config is in
 value_model_config.json (`ppo_run.load_value_model`). The run itself is in ppo_run.py.
 
 The reference and reward params are frozen, sharded by the same logical rules and passed to
-the jitted iteration as ARGUMENTS (never closed-over constants).
+the jitted iteration as ARGUMENTS (never closed-over constants). Rewards computed on the
+host (execution feedback) split the iteration in two jitted halves around them
+(`make_host_scored_iteration`).
 """
 
 from __future__ import annotations
@@ -34,7 +40,6 @@ import dataclasses
 import json
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
@@ -43,11 +48,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from instructjax import parallel, rl_ops
 from instructjax.config import ConfigError, DataConfig, OptimConfig, TrainConfig
 from instructjax.losses import LMLossConfig, Objective
-from instructjax.rl_losses import (PolicyValueApply, PPOLossConfig, PPOPtxLossConfig, ppo_loss,
-                                   ppo_ptx_loss)
+from instructjax.rl_losses import (GRPOLossConfig, PolicyValueApply, PPOLossConfig,
+                                   PPOPtxLossConfig, ppo_ptx_loss)
 from instructjax.model.config import ModelConfig
-from instructjax.model.transformer import Transformer
 from instructjax.rlhf import rollout as rollout_lib
+from instructjax.rlhf.algorithms import ALGORITHMS, Algorithm
+from instructjax.rlhf.execution_reward import ExecutionRewardConfig
+from instructjax.rlhf.rl_state import PPOState
 from instructjax.train import state as state_lib
 from instructjax.train.step import accumulate_gradients
 
@@ -63,7 +70,9 @@ class PPOConfig:
     (prompts left-padded to `max_prompt_len`, longer ones keep their last tokens) and makes
     ppo_epochs * num_minibatches optimiser updates of rollout_batch_size / num_minibatches
     rows each (each split into grad_accum_steps micro-batches). gamma_ptx > 0 adds the
-    pretraining loss on ptx_batch_size rows of ptx_seq_len tokens per update."""
+    pretraining loss on ptx_batch_size rows of ptx_seq_len tokens per update. `algorithm`
+    names an entry of algorithms.ALGORITHMS; each of rollout_batch_size / group_size
+    prompts gets group_size responses (GRPO's and RLOO's groups)."""
     workdir: str
     policy_from: str                      # SFT workdir (head 'lm')
     reward_from: str                      # reward-model workdir (head 'scalar')
@@ -71,6 +80,10 @@ class PPOConfig:
     optim: OptimConfig
     prompt_file: str = ""                 # '' = the embedded world's prompts_train.jsonl
     ptx_file: str = ""                    # '' = the embedded world's pretrain_train.jsonl
+    algorithm: str = "ppo"                # a key of algorithms.ALGORITHMS
+    group_size: int = 1                   # responses per prompt
+    reward: str = "model"                 # model (--reward_from) or execution (the tests)
+    execution: ExecutionRewardConfig = dataclasses.field(default_factory=ExecutionRewardConfig)
     mesh: str = "data:1,fsdp:-1,tensor:1"
     iterations: int = 100
     rollout_batch_size: int = 32
@@ -108,8 +121,27 @@ class PPOConfig:
             if not ok:
                 raise ConfigError(message)
         require(bool(self.workdir), "--workdir must be set")
+        require(self.algorithm in ALGORITHMS, f"--algorithm must be one of "
+                f"{', '.join(ALGORITHMS)}, got {self.algorithm!r}")
+        require(self.group_size >= self.algo.min_group_size,
+                f"--algorithm={self.algorithm} needs --group_size >= "
+                f"{self.algo.min_group_size}, got {self.group_size}")
+        require(self.rollout_batch_size % self.group_size == 0,
+                f"--rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
+                f"--group_size ({self.group_size})")
+        require(self.algo.kl_in_reward or self.kl_target is None,
+                f"--algorithm={self.algorithm} keeps beta (--init_kl_coef) fixed in its loss; "
+                "leave --kl_target empty")
         require(bool(self.policy_from), "--policy_from (the SFT workdir) must be set")
-        require(bool(self.reward_from), "--reward_from (the reward-model workdir) must be set")
+        require(self.reward in ("model", "execution"),
+                f"--reward must be model or execution, got {self.reward!r}")
+        if self.reward == "model":
+            require(bool(self.reward_from), "--reward_from (the reward-model workdir) must be set")
+        else:
+            require(not self.reward_from and bool(self.prompt_file) and not
+                    self.algo.uses_value_model, "--reward=execution scores the tests of the "
+                    "problems in --prompt_file (HumanEval format), without --reward_from and "
+                    "with a value-free --algorithm (grpo or rloo)")
         for name in ("iterations", "rollout_batch_size", "max_prompt_len", "max_new_tokens",
                      "ppo_epochs", "num_minibatches", "grad_accum_steps", "ptx_batch_size",
                      "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -132,8 +164,17 @@ class PPOConfig:
         try:
             self.rollout_config(eos_id=1, pad_id=0)
             self.loss_config()
+            self.execution.sandbox_config()
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    @property
+    def algo(self) -> Algorithm:
+        return ALGORITHMS[self.algorithm]
+
+    @property
+    def prompts_per_iteration(self) -> int:
+        return self.rollout_batch_size // self.group_size
 
     @property
     def minibatch_size(self) -> int:
@@ -157,17 +198,16 @@ class PPOConfig:
             max_new_tokens=self.max_new_tokens, eos_id=eos_id, pad_id=pad_id,
             temperature=self.temperature, top_p=self.top_p, gamma=self.gamma, lam=self.lam,
             no_eos_penalty=self.no_eos_penalty, whiten_advantages=self.whiten_advantages,
-            vocab_limit=vocab_limit)
+            vocab_limit=vocab_limit, advantages=self.algo.advantages,
+            group_size=self.group_size, kl_in_reward=self.algo.kl_in_reward)
 
-    def loss_config(self) -> PPOLossConfig | PPOPtxLossConfig:
-        ppo = PPOLossConfig(clip_eps=self.clip_eps, value_clip=self.value_clip,
-                            vf_coef=self.vf_coef, temperature=self.temperature,
-                            entropy_coef=self.entropy_coef)
-        return PPOPtxLossConfig(ppo=ppo, lm=LMLossConfig(), gamma_ptx=self.gamma_ptx) \
-            if self.use_ptx else ppo
+    def loss_config(self) -> PPOLossConfig | GRPOLossConfig | PPOPtxLossConfig:
+        rl = self.algo.loss_config(self)
+        return PPOPtxLossConfig(ppo=rl, lm=LMLossConfig(), gamma_ptx=self.gamma_ptx) \
+            if self.use_ptx else rl
 
     def objective(self) -> Objective:
-        return Objective(ppo_ptx_loss if self.use_ptx else ppo_loss, self.loss_config())
+        return Objective(ppo_ptx_loss if self.use_ptx else self.algo.loss, self.loss_config())
 
     def loop_config(self) -> TrainConfig:
         """The generic loop's view: one loop step = one PPO iteration."""
@@ -186,80 +226,6 @@ def rl_model_config(cfg: ModelConfig, *, compute_dtype: str = "", remat: bool = 
     """A loaded model's config for RL: dropout off; optional compute dtype / remat."""
     return dataclasses.replace(cfg, dropout_rate=0.0, remat=remat or cfg.remat,
                                compute_dtype=compute_dtype or cfg.compute_dtype)
-
-
-# ============================================================================ state
-
-@flax.struct.dataclass
-class PPOState:
-    step: jax.Array
-    params: Any          # the policy (head 'lm'): what load_trained(ppo_workdir) returns
-    value_params: Any    # the value model (head 'scalar')
-    opt_state: Any       # of {'policy': params, 'value': value_params}
-    kl: Any              # {'beta': f32}
-
-    @property
-    def trainable(self) -> dict[str, Any]:
-        return {"policy": self.params, "value": self.value_params}
-
-
-def abstract_ppo_state(policy: Transformer, value: Transformer, tx: optax.GradientTransformation,
-                       mesh: Mesh, init_kl_coef: float = 0.0):
-    """(abstract PPOState of ShapeDtypeStructs carrying shardings, sharding tree)."""
-    policy_init = state_lib.boxed_params_fn(policy, 2)
-    value_init = state_lib.boxed_params_fn(value, 2)
-
-    def init_boxed(rng):
-        p, v = policy_init(rng), value_init(rng)
-        return PPOState(step=jnp.zeros((), jnp.int32), params=p, value_params=v,
-                        opt_state=tx.init({"policy": p, "value": v}),
-                        kl=rl_ops.kl_controller_init(init_kl_coef))
-
-    return state_lib.with_shardings(jax.eval_shape(init_boxed, jax.random.key(0)), mesh)
-
-
-def init_ppo_state(policy_params, value_params, tx: optax.GradientTransformation,
-                   state_shardings, mesh: Mesh, init_kl_coef: float) -> PPOState:
-    """A fresh PPOState from (already sharded) starting params. The state is donated every
-    iteration, so these buffers must not be shared with the frozen reference/reward params:
-    load them separately (or copy)."""
-    def init(p, v):
-        return PPOState(step=jnp.zeros((), jnp.int32), params=p, value_params=v,
-                        opt_state=tx.init({"policy": p, "value": v}),
-                        kl=rl_ops.kl_controller_init(init_kl_coef))
-
-    return parallel.ShardedJit(init, mesh, out_shardings=state_shardings)(policy_params,
-                                                                          value_params)
-
-
-def init_scalar_from_lm(lm_params, scalar_abstract, rng: jax.Array):
-    """Params of a head='scalar' model from a head='lm' model's params: the shared trunk is
-    copied; leaves only the scalar model has (the scalar head) are initialised fresh, kernels
-    ~ N(0, 1/(d_model + 1)) (lm-human-preferences' reward head) and biases 0. The LM-only
-    unembedding (an untied 'lm_head') is dropped. `scalar_abstract`: ShapeDtypeStructs with
-    shardings (state.abstract_params of the scalar model); the result lands in those shards."""
-    flat_lm = flax.traverse_util.flatten_dict(lm_params)
-    flat_abs = flax.traverse_util.flatten_dict(scalar_abstract)
-
-    def build(lm, key):
-        out = {}
-        for i, (path, leaf) in enumerate(flat_abs.items()):
-            if path in lm:
-                if lm[path].shape != leaf.shape:
-                    raise ValueError(f"init_scalar_from_lm: {'/'.join(path)} has shape "
-                                     f"{lm[path].shape}, the scalar model wants {leaf.shape}")
-                out[path] = jnp.asarray(lm[path], leaf.dtype)
-            elif path[-1] == "kernel":
-                std = 1.0 / jnp.sqrt(leaf.shape[0] + 1.0)
-                out[path] = std * jax.random.normal(jax.random.fold_in(key, i), leaf.shape,
-                                                    leaf.dtype)
-            else:
-                out[path] = jnp.zeros(leaf.shape, leaf.dtype)
-        return flax.traverse_util.unflatten_dict(out)
-
-    shared = {path: flat_lm[path] for path in flat_abs if path in flat_lm}
-    shardings = jax.tree.map(lambda s: s.sharding, scalar_abstract)
-    return jax.jit(build, out_shardings=shardings)(shared, rng)
 
 
 # ============================================================================ the iteration
@@ -328,36 +294,21 @@ def make_ppo_iteration(cfg: PPOConfig, *, models: rollout_lib.RolloutModels,
                        schedule: optax.Schedule, mesh: Mesh, state_shardings, frozen_shardings,
                        compiler_options: dict[str, Any] | None = None,
                        return_responses: bool = False):
-    """(state, frozen, batch, base_rng) -> (state, metrics), one PPO iteration, jitted with
+    """(state, frozen, batch, base_rng) -> (state, metrics), one RL iteration, jitted with
     explicit shardings and the state donated. frozen = {'reference', 'reward'} params; batch
     = a PPOInputs dict after parallel.global_batch. metrics: name -> (sum, weight).
     compiler_options go to XLA for this program (tests lower the optimisation level).
     return_responses: also return the rollout's responses, (state, metrics, responses) with
     responses = {tokens_BxN, lengths_B (incl. EOS), ended_B} sharded like the batch (for
     host-side scoring, e.g. the gold reward of the over-optimisation frontier)."""
-    apply = PolicyValueApply.from_models(models.policy, models.value)
+    learn = _learner(cfg, models, tx, schedule, mesh)
 
     def iteration(state: PPOState, frozen, batch, base_rng):
         rng = jax.random.fold_in(base_rng, state.step)
-        beta = state.kl["beta"]
         ppo_batch, stats = rollout_lib.rollout(
             state.trainable, frozen, batch["prompt_tokens"], batch["prompt_mask"],
-            jax.random.fold_in(rng, 0), beta, models=models, cfg=rollout_cfg)
-        ptx = {k: batch[f"ptx_{k}"] for k in PTX_KEYS} if cfg.use_ptx else None
-        params, opt_state, metrics = ppo_update(
-            state.trainable, state.opt_state, ppo_batch, ptx, jax.random.fold_in(rng, 1),
-            cfg=cfg, apply=apply, tx=tx, mesh=mesh)
-        metrics.update(rollout_lib.rollout_metrics(stats, beta))
-        one = jnp.ones((), jnp.float32)
-        metrics["learning_rate"] = (jnp.asarray(schedule(state.step * cfg.num_updates),
-                                                jnp.float32), one)
-        metrics["param_norm"] = (optax.tree.norm(params["policy"]), one)
-        metrics["tokens"] = (jnp.sum(stats["lengths_B"]), one)  # generated tokens
-        kl = rl_ops.kl_controller_update(state.kl, jnp.mean(stats["kl_B"]),
-                                         batch["prompt_tokens"].shape[0],
-                                         target=cfg.kl_target, horizon=cfg.kl_horizon)
-        new_state = PPOState(step=state.step + 1, params=params["policy"],
-                             value_params=params["value"], opt_state=opt_state, kl=kl)
+            jax.random.fold_in(rng, 0), state.kl["beta"], models=models, cfg=rollout_cfg)
+        new_state, metrics = learn(state, batch, rng, ppo_batch, stats)
         if not return_responses:
             return new_state, metrics
         P = batch["prompt_tokens"].shape[1]
@@ -373,6 +324,79 @@ def make_ppo_iteration(cfg: PPOConfig, *, models: rollout_lib.RolloutModels,
         in_shardings=(state_shardings, frozen_shardings, batch_sharding, rep),
         out_shardings=out_shardings, donate_argnums=(0,),
         compiler_options=compiler_options)
+
+
+def make_host_scored_iteration(cfg: PPOConfig, *, models: rollout_lib.RolloutModels,
+                               rollout_cfg: rollout_lib.RolloutConfig,
+                               tx: optax.GradientTransformation, schedule: optax.Schedule,
+                               mesh: Mesh, state_shardings, reference_shardings,
+                               compiler_options: dict[str, Any] | None = None):
+    """The same iteration in two jitted halves, for rewards computed on the host between
+    them (execution feedback: rlhf/execution_reward.py):
+
+      sample(state, batch, base_rng) -> responses {tokens_BxN, mask_BxN, ended_B, logprobs_BxN}
+      learn(state, reference, batch, responses, score_B, base_rng) -> (state, metrics)
+
+    learn scores `responses` (whose mask and ended flags the host may have cut, e.g. at a
+    stop sequence) with the host's score_B and updates; models.score_fn must return its
+    reward params, which is what score_B is passed as. Same random streams as the one-piece
+    iteration; the state is donated to learn only."""
+    learn = _learner(cfg, models, tx, schedule, mesh)
+
+    def sample_phase(state: PPOState, batch, base_rng):
+        rng = jax.random.fold_in(base_rng, state.step)
+        _, _, out = rollout_lib.sample_responses(
+            state.params, batch["prompt_tokens"], batch["prompt_mask"],
+            jax.random.fold_in(rng, 0), models=models, cfg=rollout_cfg)
+        return {k: out[k] for k in ("tokens_BxN", "mask_BxN", "ended_B", "logprobs_BxN")}
+
+    def learn_phase(state: PPOState, reference, batch, responses, score_B, base_rng):
+        rng = jax.random.fold_in(base_rng, state.step)
+        prompt_BxP, prompt_mask_BxP = rollout_lib.repeat_groups(
+            batch["prompt_tokens"], batch["prompt_mask"], cfg.group_size)
+        ppo_batch, stats = rollout_lib.score_rollout(
+            state.trainable, {"reference": reference, "reward": score_B}, prompt_BxP,
+            prompt_mask_BxP, responses["tokens_BxN"], responses["mask_BxN"],
+            responses["ended_B"], state.kl["beta"], models=models, cfg=rollout_cfg)
+        stats["sampler_logprobs_BxN"] = responses["logprobs_BxN"]
+        return learn(state, batch, rng, ppo_batch, stats)
+
+    rep, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    sample_fn = parallel.ShardedJit(
+        sample_phase, mesh, in_shardings=(state_shardings, batch_sharding, rep),
+        out_shardings=batch_sharding, compiler_options=compiler_options)
+    learn_fn = parallel.ShardedJit(
+        learn_phase, mesh, in_shardings=(state_shardings, reference_shardings, batch_sharding,
+                                         batch_sharding, batch_sharding, rep),
+        out_shardings=(state_shardings, rep), donate_argnums=(0,),
+        compiler_options=compiler_options)
+    return sample_fn, learn_fn
+
+
+def _learner(cfg: PPOConfig, models: rollout_lib.RolloutModels, tx, schedule, mesh: Mesh):
+    """(state, batch, rng, ppo_batch, stats) -> (state, metrics): the update after a
+    rollout, its metrics and the KL controller's step."""
+    apply = PolicyValueApply.from_models(models.policy, models.value)
+
+    def learn(state: PPOState, batch, rng, ppo_batch, stats):
+        beta = state.kl["beta"]
+        ptx = {k: batch[f"ptx_{k}"] for k in PTX_KEYS} if cfg.use_ptx else None
+        params, opt_state, metrics = ppo_update(
+            state.trainable, state.opt_state, ppo_batch, ptx, jax.random.fold_in(rng, 1),
+            cfg=cfg, apply=apply, tx=tx, mesh=mesh)
+        metrics.update(rollout_lib.rollout_metrics(stats, beta, cfg.algo.kl_in_reward))
+        one = jnp.ones((), jnp.float32)
+        metrics["learning_rate"] = (jnp.asarray(schedule(state.step * cfg.num_updates),
+                                                jnp.float32), one)
+        metrics["param_norm"] = (optax.tree.norm(params["policy"]), one)
+        metrics["tokens"] = (jnp.sum(stats["lengths_B"]), one)  # generated tokens
+        kl = rl_ops.kl_controller_update(state.kl, jnp.mean(stats["kl_B"]),
+                                         ppo_batch["tokens_BxT"].shape[0],
+                                         target=cfg.kl_target, horizon=cfg.kl_horizon)
+        return PPOState(step=state.step + 1, params=params["policy"],
+                        value_params=params["value"], opt_state=opt_state, kl=kl), metrics
+
+    return learn
 
 
 def make_optimizer(cfg: PPOConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:

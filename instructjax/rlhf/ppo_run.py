@@ -1,9 +1,12 @@
-"""A PPO / PPO-ptx run: models loaded from earlier stages, the generic train loop around
-the jitted iteration of `ppo.py`, checkpoints whose `params` are the policy."""
+"""An RL run (PPO / PPO-ptx / GRPO / RLOO): models loaded from earlier stages, the generic
+train loop around the jitted iteration of `ppo.py` (or its two halves around the sandbox
+for execution rewards), checkpoints whose `params` are the policy."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +22,11 @@ from instructjax.data.tokenizer import Tokenizer
 from instructjax.losses import reduce_metrics
 from instructjax.model.config import ModelConfig
 from instructjax.model.transformer import Transformer
-from instructjax.rlhf import rollout as rollout_lib
-from instructjax.rlhf.ppo import (VALUE_MODEL_CONFIG_FILE, PPOConfig, abstract_ppo_state,
-                                  init_ppo_state, make_optimizer, make_ppo_iteration,
-                                  rl_model_config)
+from instructjax.rlhf import rl_inputs, rollout as rollout_lib
+from instructjax.rlhf.execution_reward import ExecutionReward, given_score
+from instructjax.rlhf.ppo import (VALUE_MODEL_CONFIG_FILE, PPOConfig, make_host_scored_iteration,
+                                  make_optimizer, make_ppo_iteration, rl_model_config)
+from instructjax.rlhf.rl_state import abstract_ppo_state, init_ppo_state
 from instructjax.train import checkpoint as ckpt_lib, loop, state as state_lib
 from instructjax.train import workdir as wd
 from instructjax.train.metrics import MetricsWriter
@@ -35,12 +39,12 @@ def load_value_model(workdir: str | Path, mesh: Mesh):
     return model, ckpt_lib.restore_params(workdir, abstract, field="value_params")
 
 
-def rollout_models(policy: Transformer, value: Transformer, reward_from: str | Path
-                   ) -> rollout_lib.RolloutModels:
-    """The rollout's models: the value model's module also runs the frozen reward model,
-    whose score is read as it was trained (the read recorded in `reward_from`); the value
-    model itself stays per-token."""
-    return rollout_lib.RolloutModels(policy=policy, value=value, reward=value,
+def rollout_models(policy: Transformer, value: Transformer | None, reward: Transformer,
+                   reward_from: str | Path) -> rollout_lib.RolloutModels:
+    """The rollout's models: the frozen reward model's score is read as it was trained (the
+    read recorded in `reward_from`); the value model (None for value-free algorithms) stays
+    per-token. Both are the reward model's architecture."""
+    return rollout_lib.RolloutModels(policy=policy, value=value, reward=reward,
                                      reward_read=wd.load_reward_read(reward_from))
 
 
@@ -69,7 +73,7 @@ def _host_array(x) -> np.ndarray:
 class GoldRollouts:
     """The gold reward of each iteration's rollouts, for the KL-vs-reward frontier (proxy
     RM score and gold score against KL show over-optimisation). Each rollout row carries its
-    prompt's line in the prompt file (rollout.EncodePrompt); rows whose record has no task
+    prompt's line in the prompt file (rl_inputs.EncodePrompt); rows whose record has no task
     metadata (kind, answer: user prompt files) are skipped, and without any the scorer is
     off. Responses are decoded as generate() does (cut before the EOS)."""
 
@@ -82,12 +86,14 @@ class GoldRollouts:
             logging.info("rollout/gold_score is off: %s has no task metadata (kind, answer)",
                          prompt_file or "the prompt source")
 
-    def metrics(self, prompt_line_B, responses) -> dict[str, tuple[float, float]]:
-        """{'rollout/gold_score', 'rollout/gold_correct'}: (sum, rows scored)."""
+    def metrics(self, prompt_line_P, responses, group_size: int = 1
+                ) -> dict[str, tuple[float, float]]:
+        """{'rollout/gold_score', 'rollout/gold_correct'}: (sum, rows scored). Response rows
+        come in groups of group_size per prompt."""
         from instructjax.data import world
         if not self.tasks:
             return {}
-        lines = _host_array(prompt_line_B)
+        lines = np.repeat(_host_array(prompt_line_P), group_size)
         tokens, lengths, ended = (_host_array(responses[k])
                                   for k in ("tokens_BxN", "lengths_B", "ended_B"))
         score = correct = count = 0.0
@@ -105,12 +111,13 @@ class GoldRollouts:
         return {"rollout/gold_score": (score, count), "rollout/gold_correct": (correct, count)}
 
 
-def _check_sizes(cfg: PPOConfig, mesh: Mesh, policy_cfg: ModelConfig, value_cfg: ModelConfig,
-                 tokenizer: Tokenizer) -> None:
+def _check_sizes(cfg: PPOConfig, mesh: Mesh, policy_cfg: ModelConfig,
+                 value_cfg: ModelConfig | None, tokenizer: Tokenizer) -> None:
     dp = parallel.data_parallel_size(mesh)
-    if cfg.rollout_batch_size % dp:
-        raise ConfigError(f"--rollout_batch_size ({cfg.rollout_batch_size}) must be divisible "
-                          f"by the data-parallel size {dp} of --mesh={cfg.mesh}")
+    if cfg.prompts_per_iteration % dp:
+        raise ConfigError(f"the prompts per iteration (--rollout_batch_size / --group_size = "
+                          f"{cfg.prompts_per_iteration}) must be divisible by the "
+                          f"data-parallel size {dp} of --mesh={cfg.mesh}")
     ptx_rows = cfg.num_updates * cfg.ptx_batch_size
     if cfg.use_ptx and ptx_rows % dp:
         raise ConfigError(f"the pretraining rows per iteration (ppo_epochs * num_minibatches * "
@@ -122,6 +129,8 @@ def _check_sizes(cfg: PPOConfig, mesh: Mesh, policy_cfg: ModelConfig, value_cfg:
             logging.warning("the %s of %d rows does not divide over the data-parallel size %d: "
                             "every device computes all of its rows", what, rows, dp)
     for name, mcfg in (("--policy_from", policy_cfg), ("--reward_from", value_cfg)):
+        if mcfg is None:  # no reward model
+            continue
         if cfg.seq_len > mcfg.max_len:
             raise ConfigError(f"--max_prompt_len + --max_new_tokens ({cfg.seq_len}) exceeds the "
                               f"max_len {mcfg.max_len} of the {name} model")
@@ -142,33 +151,44 @@ def _same_tokenizer(cfg: PPOConfig) -> None:
 
 
 def train_ppo(cfg: PPOConfig, argv: list[str] = ()) -> dict[str, float]:
-    """Runs (or resumes) PPO / PPO-ptx; returns the last iteration's metrics."""
+    """Runs (or resumes) an RL run (PPO / PPO-ptx / GRPO / RLOO, reward from a reward model
+    or from execution); returns the last iteration's metrics."""
     wd.require_role(cfg.policy_from, "lm", "--policy_from")
-    wd.require_role(cfg.reward_from, "reward", "--reward_from")
-    _same_tokenizer(cfg)
     policy_cfg = wd.load_model_config(cfg.policy_from)
-    value_cfg = wd.load_model_config(cfg.reward_from)
+    value_cfg, extra = None, {}
+    if cfg.reward == "model":
+        wd.require_role(cfg.reward_from, "reward", "--reward_from")
+        _same_tokenizer(cfg)
+        value_cfg = wd.load_model_config(cfg.reward_from)
+        extra["reward_read"] = wd.load_reward_read(cfg.reward_from)
+    elif jax.process_count() > 1:
+        raise ConfigError("--reward=execution runs in one process for now (the sandbox scores "
+                          "the whole batch on this host)")
     mesh = parallel.make_mesh(cfg.mesh)
     tokenizer = Tokenizer.load(Path(cfg.policy_from) / wd.TOKENIZER_FILE)
     _check_sizes(cfg, mesh, policy_cfg, value_cfg, tokenizer)
-    reward_read = wd.load_reward_read(cfg.reward_from)
-    files = {wd.MODEL_CONFIG_FILE: dataclasses.asdict(policy_cfg),
-             VALUE_MODEL_CONFIG_FILE: dataclasses.asdict(value_cfg)}
+    files = {wd.MODEL_CONFIG_FILE: dataclasses.asdict(policy_cfg)}
+    if cfg.algo.uses_value_model:
+        files[VALUE_MODEL_CONFIG_FILE] = dataclasses.asdict(value_cfg)
     with wd.open_run(cfg.workdir, cfg, argv, total_steps=cfg.iterations, files=files,
-                     allow_config_change=cfg.allow_config_change,
-                     record_extra={"reward_read": reward_read}) as run:
+                     allow_config_change=cfg.allow_config_change, record_extra=extra) as run:
         wd.copy_tokenizer(cfg.policy_from, cfg.workdir, "--policy_from")
         return _train(cfg, run, mesh, tokenizer, policy_cfg, value_cfg)
 
 
 def _train(cfg: PPOConfig, run: wd.Run, mesh: Mesh, tokenizer: Tokenizer,
-           policy_cfg: ModelConfig, value_cfg: ModelConfig) -> dict[str, float]:
-    inputs = rollout_lib.make_inputs(cfg, tokenizer)
+           policy_cfg: ModelConfig, value_cfg: ModelConfig | None) -> dict[str, float]:
+    inputs = rl_inputs.make_inputs(cfg, tokenizer)
     policy = Transformer(rl_model_config(policy_cfg, compute_dtype=cfg.compute_dtype,
                                          remat=cfg.remat))
-    value = Transformer(rl_model_config(value_cfg, compute_dtype=cfg.compute_dtype,
-                                        remat=cfg.remat), head="scalar")
-    models = rollout_models(policy, value, cfg.reward_from)
+    # The reward model's module also runs the value model (initialised from it).
+    scalar = None if value_cfg is None else Transformer(
+        rl_model_config(value_cfg, compute_dtype=cfg.compute_dtype, remat=cfg.remat),
+        head="scalar")
+    value = scalar if cfg.algo.uses_value_model else None
+    models = (rollout_models(policy, value, scalar, cfg.reward_from) if scalar is not None else
+              rollout_lib.RolloutModels(policy=policy, value=None, reward=None,
+                                        score_fn=given_score))
     # Never sample an id the tokenizer cannot decode (a model sized above its tokenizer).
     limit = tokenizer.vocab_size if tokenizer.vocab_size < policy_cfg.vocab_size else 0
     rollout_cfg = cfg.rollout_config(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
@@ -176,42 +196,86 @@ def _train(cfg: PPOConfig, run: wd.Run, mesh: Mesh, tokenizer: Tokenizer,
     tx, schedule = make_optimizer(cfg)
     abstract, shardings = abstract_ppo_state(policy, value, tx, mesh, cfg.init_kl_coef)
     # Each restore makes new buffers: the donated state never aliases the frozen params.
-    frozen = {"reference": ckpt_lib.restore_params(cfg.policy_from, abstract.params),
-              "reward": ckpt_lib.restore_params(cfg.reward_from, abstract.value_params)}
-    frozen_shardings = {"reference": shardings.params, "reward": shardings.value_params}
+    frozen = {"reference": ckpt_lib.restore_params(cfg.policy_from, abstract.params)}
+    frozen_shardings = {"reference": shardings.params}
+    if scalar is not None:
+        reward_abstract, frozen_shardings["reward"] = state_lib.abstract_params(scalar, mesh)
+        frozen["reward"] = ckpt_lib.restore_params(cfg.reward_from, reward_abstract)
 
     def fresh_state():
-        logging.info("starting PPO from policy %s and reward model %s (read: %s)",
-                     cfg.policy_from, cfg.reward_from, models.reward_read)
+        logging.info("starting %s from policy %s, reward: %s", cfg.algorithm, cfg.policy_from,
+                     f"{cfg.reward_from} (read: {models.reward_read})" if scalar is not None
+                     else f"execution of {cfg.prompt_file}")
+        value_params = (ckpt_lib.restore_params(cfg.reward_from, reward_abstract)
+                        if value is not None else {})
         return init_ppo_state(ckpt_lib.restore_params(cfg.policy_from, abstract.params),
-                              ckpt_lib.restore_params(cfg.reward_from, abstract.value_params),
-                              tx, shardings, mesh, cfg.init_kl_coef)
+                              value_params, tx, shardings, mesh, cfg.init_kl_coef)
 
     checkpointer = ckpt_lib.Checkpointer(Path(cfg.workdir) / "checkpoints",
                                          keep=cfg.keep_checkpoints)
     state = loop.resume_or_init(checkpointer, abstract, fresh_state, inputs)
-    iteration = make_ppo_iteration(cfg, models=models, rollout_cfg=rollout_cfg, tx=tx,
-                                   schedule=schedule, mesh=mesh, state_shardings=shardings,
-                                   frozen_shardings=frozen_shardings, return_responses=True)
-    gold = GoldRollouts(inputs.prompt_file, tokenizer)
     last: dict[str, Any] = {}
-
-    def train_step(state, batch, base_rng):
-        state, metrics, responses = iteration(state, frozen, batch, base_rng)
-        metrics = dict(metrics, **gold.metrics(batch["prompt_line"], responses))
-        last["metrics"] = metrics
-        return state, metrics
-
     writer = PPOMetricsWriter(cfg.workdir, total_steps=cfg.iterations)
     seed_key = jax.random.key(cfg.seed)
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(checkpointer.close)
+        stack.callback(writer.close)
+        if scalar is not None:
+            iteration = make_ppo_iteration(
+                cfg, models=models, rollout_cfg=rollout_cfg, tx=tx, schedule=schedule,
+                mesh=mesh, state_shardings=shardings, frozen_shardings=frozen_shardings,
+                return_responses=True)
+            gold = GoldRollouts(inputs.prompt_file, tokenizer)
+
+            def train_step(state, batch, base_rng):
+                state, metrics, responses = iteration(state, frozen, batch, base_rng)
+                metrics = dict(metrics, **gold.metrics(batch["prompt_line"], responses,
+                                                       cfg.group_size))
+                last["metrics"] = metrics
+                return state, metrics
+        else:
+            scorer = stack.enter_context(ExecutionReward(inputs.prompt_file, tokenizer,
+                                                         cfg.execution))
+            train_step = _host_scored_step(cfg, mesh, scorer, frozen["reference"], last,
+                                           make_host_scored_iteration(
+                cfg, models=models, rollout_cfg=rollout_cfg, tx=tx, schedule=schedule,
+                mesh=mesh, state_shardings=shardings, reference_shardings=shardings.params))
         state = loop.train_loop(state, cfg=cfg.loop_config(), train_step=train_step,
                                 base_rng=jax.random.fold_in(seed_key, 2), data_iter=inputs,
                                 mesh=mesh, checkpointer=checkpointer, writer=writer)
-    finally:
-        writer.close()
-        checkpointer.close()
     final = {f"train/{k}": v for k, v in
              reduce_metrics(jax.device_get(last.get("metrics", {}))).items()}
     run.finish(int(state.step), final)
     return final
+
+
+def _host_scored_step(cfg: PPOConfig, mesh: Mesh, scorer: ExecutionReward, reference, last,
+                      phases):
+    """The train step of a host-scored run: sample (jitted), run the tests (host, the
+    sandbox's workers in parallel), learn (jitted); each phase's seconds in the metrics."""
+    sample_fn, learn_fn = phases
+    sharding = parallel.batch_sharding(mesh)
+
+    def train_step(state, batch, base_rng):
+        t0 = time.perf_counter()
+        responses = jax.device_get(sample_fn(state, batch, base_rng))
+        t1 = time.perf_counter()
+        lines = np.repeat(_host_array(batch["prompt_line"]), cfg.group_size)
+        scored = scorer.score(lines, responses["tokens_BxN"], responses["mask_BxN"],
+                              responses["ended_B"])
+        t2 = time.perf_counter()
+        responses.update(mask_BxN=scored["mask_BxN"], ended_B=scored["ended_B"])
+        state, metrics = learn_fn(state, reference, batch, jax.device_put(responses, sharding),
+                                  jax.device_put(scored["score_B"], sharding), base_rng)
+        jax.block_until_ready(state)
+        t3 = time.perf_counter()
+        one = np.float32(1.0)
+        metrics = dict(metrics, **{k: (np.float32(v), one)
+                                   for k, v in scored["metrics"].items()},
+                       **{"time/sample": (np.float32(t1 - t0), one),
+                          "time/sandbox": (np.float32(t2 - t1), one),
+                          "time/learn": (np.float32(t3 - t2), one)})
+        last["metrics"] = metrics
+        return state, metrics
+
+    return train_step

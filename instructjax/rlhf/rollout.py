@@ -1,7 +1,7 @@
-"""PPO rollouts (sample -> score -> rewards -> GAE) and the prompt / pretraining-mix inputs.
+"""RL rollouts: sample -> score -> rewards -> advantages (GAE, or an outcome estimator).
 
-Everything here runs inside the one jitted PPO iteration (instructjax/rlhf/ppo.py), except
-the host-side data iterators at the bottom.
+Everything here runs inside the one jitted RL iteration (instructjax/rlhf/ppo.py); the
+host-side inputs are in rl_inputs.py.
 
 Shape legend: B rollout batch, P prompt length (left-padded), N response length
 (max_new_tokens), T = P + N, V vocabulary.
@@ -16,7 +16,8 @@ model outputs at the last prompt position.
 
 Models (all deterministic: dropout is off in RL):
   policy    head='lm'      trainable, starts as the SFT model
-  value     head='scalar'  trainable, starts as the reward model (incl. its scalar head)
+  value     head='scalar'  trainable, starts as the reward model (incl. its scalar head);
+                           absent for value-free algorithms (GRPO, RLOO: algorithms.py)
   reference head='lm'      frozen SFT params (KL penalty)
   reward    head='scalar'  frozen RM; the score is read from its per-token outputs as it
                            was trained (rl_ops.read_reward: 'eos' = at the last real token
@@ -28,19 +29,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from instructjax import rl_ops
 from instructjax.config import REWARD_READS
-from instructjax.data import builders, pipeline, shards
-from instructjax.data.jsonl import DataError
-from instructjax.data.tokenizer import Tokenizer
 from instructjax.losses import make_apply
 from instructjax.model.transformer import Transformer
 from instructjax.sampling import SamplingConfig, positions_from_mask, sample
@@ -53,7 +47,10 @@ ScoreFn = Callable[..., jax.Array]
 class RolloutConfig:
     """max_new_tokens / temperature / top_p: the sampler (log-probs always come from the full
     tempered distribution). no_eos_penalty: the score given to responses without EOS within
-    max_new_tokens (None: keep the RM score). gamma / lam: GAE."""
+    max_new_tokens (None: keep the RM score). gamma / lam: GAE. advantages: None = GAE with
+    the value model; else an outcome estimator (reward_B, group_size) -> advantage_B over
+    groups of group_size adjacent rows (algorithms.py). kl_in_reward: -beta * KL is part
+    of the reward (per token for GAE, summed over the response for outcome estimators)."""
     max_new_tokens: int
     eos_id: int
     pad_id: int
@@ -64,6 +61,9 @@ class RolloutConfig:
     no_eos_penalty: float | None = -1.0
     whiten_advantages: bool = True
     vocab_limit: int = 0  # the tokenizer's size when the model's vocabulary is larger
+    advantages: Callable | None = None
+    group_size: int = 1
+    kl_in_reward: bool = True
 
     def __post_init__(self):
         if self.eos_id == self.pad_id:
@@ -84,13 +84,16 @@ class RolloutModels:
     in tests, programmatic rewards); None means `reward_model_score`, read as `reward_read`
     (the read the reward model was trained with: train.workdir.load_reward_read)."""
     policy: Transformer
-    value: Transformer
-    reward: Transformer
+    value: Transformer | None   # None: a value-free algorithm
+    reward: Transformer | None  # None: score_fn scores without a model
     score_fn: ScoreFn | None = None
     reward_read: str = "eos"
 
     def __post_init__(self):
-        if self.policy.head != "lm" or self.value.head != "scalar" or self.reward.head != "scalar":
+        if self.reward is None and self.score_fn is None:
+            raise ValueError("RolloutModels: give a reward model or a score_fn")
+        if self.policy.head != "lm" or any(m is not None and m.head != "scalar"
+                                           for m in (self.value, self.reward)):
             raise ValueError("RolloutModels: the policy needs head='lm', the value and reward "
                              "models head='scalar'")
         if self.reward_read not in REWARD_READS:
@@ -134,7 +137,8 @@ def score_rollout(params, frozen, prompt_BxP, prompt_mask_BxP, response_BxN, res
     """Forward passes, rewards and advantages of given responses.
 
     params {'policy', 'value'} (trainable), frozen {'reference', 'reward'}. Returns
-    (ppo_batch, stats): ppo_batch is exactly what rl_losses.ppo_loss reads, all [B, T]:
+    (ppo_batch, stats): ppo_batch is exactly what the objective reads, all [B, T]; for
+    GAE (rl_losses.ppo_loss):
 
       old_logprobs   log pi_old(tokens[t] | tokens[:t]) at the sampling temperature, from a
                      full forward pass (not the sampler's), target-aligned
@@ -143,6 +147,11 @@ def score_rollout(params, frozen, prompt_BxP, prompt_mask_BxP, response_BxN, res
                      s = RM score, or cfg.no_eos_penalty when the response has no EOS
       advantages     GAE(gamma, lam) over the response, whitened over all response tokens
       returns        GAE returns (value targets)
+
+    With an outcome estimator (cfg.advantages; rl_losses.grpo_loss) there are no values
+    or returns: the response's reward R_b = s_b (- beta * kl_b when cfg.kl_in_reward) gives
+    advantage A_b = cfg.advantages(R, group_size)_b on each of its tokens, unwhitened, and
+    the batch carries ref_logprobs (for a KL term in the loss) instead.
 
     stats are per-row / per-token diagnostics (score_B, penalised score_B, kl_B, ...)."""
     P = prompt_BxP.shape[1]
@@ -158,20 +167,28 @@ def score_rollout(params, frozen, prompt_BxP, prompt_mask_BxP, response_BxN, res
 
     logp_BxT = logprobs(policy_apply, params["policy"])
     ref_logp_BxT = logprobs(policy_apply, frozen["reference"])
-    values_BxT = rl_ops.align_to_targets(
-        value_apply(params["value"], tokens_BxT, positions_BxT, segment_ids_BxT, None)
-        .astype(jnp.float32)) * response_mask_BxT
     score_B = models.score(frozen["reward"], tokens_BxT, positions_BxT, segment_ids_BxT,
                            response_mask_BxT).astype(jnp.float32)
-
-    logp_BxN, ref_logp_BxN, values_BxN = (x[:, P:] for x in (logp_BxT, ref_logp_BxT, values_BxT))
-    rewards_BxN, kl_B = rl_ops.per_token_rewards(score_B, logp_BxN, ref_logp_BxN, mask_BxN, beta,
-                                                 ended_B, cfg.no_eos_penalty)
-    advantages_BxN, returns_BxN = rl_ops.gae(rewards_BxN, values_BxN, mask_BxN, cfg.gamma,
-                                             cfg.lam)
-    raw_advantages_BxN = advantages_BxN
-    if cfg.whiten_advantages:
-        advantages_BxN = rl_ops.masked_whiten(advantages_BxN, mask_BxN)
+    logp_BxN, ref_logp_BxN = logp_BxT[:, P:], ref_logp_BxT[:, P:]
+    reward_beta = beta if cfg.kl_in_reward else 0.0
+    rewards_BxN, kl_B = rl_ops.per_token_rewards(score_B, logp_BxN, ref_logp_BxN, mask_BxN,
+                                                 reward_beta, ended_B, cfg.no_eos_penalty)
+    if cfg.advantages is None:  # GAE with the value model
+        values_BxT = rl_ops.align_to_targets(
+            value_apply(params["value"], tokens_BxT, positions_BxT, segment_ids_BxT, None)
+            .astype(jnp.float32)) * response_mask_BxT
+        values_BxN = values_BxT[:, P:]
+        advantages_BxN, returns_BxN = rl_ops.gae(rewards_BxN, values_BxN, mask_BxN, cfg.gamma,
+                                                 cfg.lam)
+        raw_advantages_BxN = advantages_BxN
+        if cfg.whiten_advantages:
+            advantages_BxN = rl_ops.masked_whiten(advantages_BxN, mask_BxN)
+    else:  # one outcome reward per response, compared within its group
+        reward_B = jnp.sum(rewards_BxN, axis=-1)
+        advantages_BxN = rl_ops.broadcast_to_tokens(cfg.advantages(reward_B, cfg.group_size),
+                                                    mask_BxN)
+        raw_advantages_BxN = advantages_BxN
+        values_BxN = returns_BxN = jnp.zeros_like(mask_BxN)
 
     def to_T(x_BxN):
         return jnp.concatenate([jnp.zeros((x_BxN.shape[0], P), jnp.float32), x_BxN], axis=1)
@@ -180,10 +197,13 @@ def score_rollout(params, frozen, prompt_BxP, prompt_mask_BxP, response_BxN, res
         "tokens_BxT": tokens_BxT, "positions_BxT": positions_BxT,
         "segment_ids_BxT": segment_ids_BxT, "response_mask_BxT": response_mask_BxT,
         "old_logprobs_BxT": jax.lax.stop_gradient(logp_BxT),
-        "old_values_BxT": jax.lax.stop_gradient(values_BxT),
         "advantages_BxT": jax.lax.stop_gradient(to_T(advantages_BxN)),
-        "returns_BxT": jax.lax.stop_gradient(to_T(returns_BxN)),
     }
+    if cfg.advantages is None:
+        ppo_batch["old_values_BxT"] = jax.lax.stop_gradient(values_BxT)
+        ppo_batch["returns_BxT"] = jax.lax.stop_gradient(to_T(returns_BxN))
+    else:
+        ppo_batch["ref_logprobs_BxT"] = jax.lax.stop_gradient(ref_logp_BxT)
     penalised_B = score_B if cfg.no_eos_penalty is None else jnp.where(
         jnp.asarray(ended_B, bool), score_B, jnp.float32(cfg.no_eos_penalty))
     stats = {"score_B": score_B, "penalised_score_B": penalised_B, "kl_B": kl_B,
@@ -194,14 +214,31 @@ def score_rollout(params, frozen, prompt_BxP, prompt_mask_BxP, response_BxN, res
     return ppo_batch, stats
 
 
+def repeat_groups(prompt_BxP, prompt_mask_BxP, group_size: int):
+    """Each prompt group_size times, in adjacent rows (B = prompts * group_size)."""
+    if group_size == 1:
+        return prompt_BxP, prompt_mask_BxP
+    return tuple(jnp.repeat(x, group_size, axis=0) for x in (prompt_BxP, prompt_mask_BxP))
+
+
+def sample_responses(policy_params, prompt_BxP, prompt_mask_BxP, rng, *, models: RolloutModels,
+                     cfg: RolloutConfig):
+    """(prompts repeated into groups, their mask, the sampler's output: tokens_BxN, mask_BxN,
+    logprobs_BxN, ended_B)."""
+    prompt_BxP, prompt_mask_BxP = repeat_groups(prompt_BxP, prompt_mask_BxP, cfg.group_size)
+    out = sample(policy_params, prompt_BxP, prompt_mask_BxP, rng, model=models.policy,
+                 cfg=cfg.sampling)
+    return prompt_BxP, prompt_mask_BxP, out
+
+
 def rollout(params, frozen, prompt_BxP, prompt_mask_BxP, rng, beta, *, models: RolloutModels,
             cfg: RolloutConfig) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    """Samples one response per left-padded prompt from the current policy, then
+    """Samples group_size responses per left-padded prompt from the current policy, then
     `score_rollout`. stats also hold the sampler's own log-probs (`sampler_logprobs_BxN`),
     which must match the recomputed ones up to float error: a cheap check that the
     rollout row (positions, segments) is what the sampler saw."""
-    out = sample(params["policy"], prompt_BxP, prompt_mask_BxP, rng, model=models.policy,
-                 cfg=cfg.sampling)
+    prompt_BxP, prompt_mask_BxP, out = sample_responses(
+        params["policy"], prompt_BxP, prompt_mask_BxP, rng, models=models, cfg=cfg)
     response_BxN = jax.lax.stop_gradient(out["tokens_BxN"])
     batch, stats = score_rollout(params, frozen, prompt_BxP, prompt_mask_BxP, response_BxN,
                                  out["mask_BxN"], out["ended_B"], beta, models=models, cfg=cfg)
@@ -209,9 +246,10 @@ def rollout(params, frozen, prompt_BxP, prompt_mask_BxP, rng, beta, *, models: R
     return batch, stats
 
 
-def rollout_metrics(stats: dict[str, jax.Array], beta) -> dict[str, tuple[jax.Array, jax.Array]]:
+def rollout_metrics(stats: dict[str, jax.Array], beta, kl_in_reward: bool = True
+                    ) -> dict[str, tuple[jax.Array, jax.Array]]:
     """Per-iteration rollout scalars as (value, 1) pairs (the train loop averages them over
-    its logging window)."""
+    its logging window). The non-score reward is 0 when the KL is in the loss instead."""
     mask_BxN = (stats["lengths_B"][:, None] > jnp.arange(stats["rewards_BxN"].shape[1])
                 ).astype(jnp.float32)
     one = jnp.ones((), jnp.float32)
@@ -233,7 +271,8 @@ def rollout_metrics(stats: dict[str, jax.Array], beta) -> dict[str, tuple[jax.Ar
                                                              stats["ref_logprobs_BxN"]),
                                                 mask_BxN, axis=-1)),
         "rollout/kl_per_token_max": (jnp.max(kl_BxN), one),
-        "rollout/nonscore_reward": mean(-jnp.asarray(beta, jnp.float32) * stats["kl_B"]),
+        "rollout/nonscore_reward": mean(-jnp.asarray(beta if kl_in_reward else 0.0,
+                                                     jnp.float32) * stats["kl_B"]),
         "rollout/beta": (jnp.asarray(beta, jnp.float32), one),
         "rollout/response_length": mean(stats["lengths_B"]),
         "rollout/ended": mean(stats["ended_B"]),
@@ -243,132 +282,3 @@ def rollout_metrics(stats: dict[str, jax.Array], beta) -> dict[str, tuple[jax.Ar
         "rollout/logprob": token_mean(stats["logprobs_BxN"]),
         "rollout/sampler_logprob_mismatch": (mismatch, one),
     }
-
-
-# ============================================================================ host-side inputs
-
-class EncodePrompt:
-    """{'prompt'} -> left-padded prompt_tokens [P] int32 and prompt_mask [P] int32.
-
-    Prompts longer than P keep their LAST P tokens (the end of a prompt is what the response
-    continues); `prompt_truncated` marks them. `prompt_line` is the record's line in its
-    JSONL file (from the tfds source's "origin" field; -1 when unknown), so the host can
-    find the task behind each rollout row (ppo_run's gold score). Loads the tokenizer lazily
-    from its path, so instances pickle to grain worker processes."""
-
-    def __init__(self, tokenizer_path, max_prompt_len: int):
-        self.tokenizer_path, self.max_prompt_len = str(tokenizer_path), max_prompt_len
-        self._tokenizer = None
-
-    def __getstate__(self):
-        return {"tokenizer_path": self.tokenizer_path, "max_prompt_len": self.max_prompt_len,
-                "_tokenizer": None}
-
-    def __call__(self, record):
-        if self._tokenizer is None:
-            self._tokenizer = Tokenizer.load(self.tokenizer_path)
-        ids = self._tokenizer.encode(record["prompt"])
-        if not ids:
-            raise DataError(f"{record.get('origin', '<input>')}: empty prompt; the policy needs "
-                            "at least one prompt token to condition on")
-        P = self.max_prompt_len
-        kept = ids[-P:]
-        tokens = np.full(P, self._tokenizer.pad_id, np.int32)
-        mask = np.zeros(P, np.int32)
-        tokens[P - len(kept):], mask[P - len(kept):] = kept, 1
-        line = str(record.get("origin", "")).rsplit(":", 1)[-1]
-        return {"prompt_tokens": tokens, "prompt_mask": mask,
-                "prompt_truncated": np.int32(len(ids) > P),
-                "prompt_line": np.int32(int(line) if line.isdigit() else -1)}
-
-
-def prompt_dataset(source, tokenizer: Tokenizer, *, max_prompt_len: int, batch_size: int,
-                   seed: int, shard_index: int = 0, shard_count: int = 1) -> grain.IterDataset:
-    """Endless, seeded-shuffled batches of left-padded prompts (keys prompt_tokens,
-    prompt_mask, prompt_truncated; [batch_size, P]). `source`: any random-access sequence of
-    {'prompt': str} records (a tfds source from builders.jsonl_data_source kind 'prompt', or
-    a list). Checkpointable through the iterator's get_state/set_state."""
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index {shard_index} out of range for {shard_count} shards")
-    ds = grain.MapDataset.source(source)[shard_index::shard_count]
-    if len(ds) == 0:
-        raise DataError(f"{source!r}: shard {shard_index} of {shard_count} has no prompts")
-    ds = ds.shuffle(seed=seed).repeat(None).map(EncodePrompt(tokenizer.path, max_prompt_len))
-    return ds.to_iter_dataset().batch(batch_size, drop_remainder=True)
-
-
-class PPOInputs:
-    """One PPO iteration's host batch: the prompts and, for PPO-ptx, the pretraining rows of
-    all its updates, as ONE flat dict of numpy arrays (parallel.global_batch shards the
-    leading dim of every entry):
-
-      prompt_tokens, prompt_mask    [B, P]
-      prompt_line                   [B] line of each prompt in `prompt_file` (-1 unknown)
-      ptx_<key>                     [U * ptx_batch, T_ptx] for each lm_dataset key (inputs,
-                                    targets, positions, segment_ids, loss_mask); update u
-                                    uses rows u::U (see ppo.split_ptx)
-
-    get_state/set_state combine both iterators' (JSON) states, so a resumed run reads the
-    same data as an uninterrupted one."""
-
-    def __init__(self, prompts, ptx=None, prompt_file: str | None = None):
-        self.prompts, self.ptx, self.prompt_file = prompts, ptx, prompt_file
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = {k: v for k, v in next(self.prompts).items() if k != "prompt_truncated"}
-        if self.ptx is not None:
-            batch.update({f"ptx_{k}": v for k, v in next(self.ptx).items()})
-        return batch
-
-    def get_state(self) -> dict[str, Any]:
-        return {"prompts": self.prompts.get_state(),
-                "ptx": None if self.ptx is None else self.ptx.get_state()}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.prompts.set_state(state["prompts"])
-        if self.ptx is not None:
-            if state.get("ptx") is None:
-                raise ValueError("the checkpoint has no pretraining-data position: it was "
-                                 "written by a run without ptx (--gamma_ptx=0)")
-            self.ptx.set_state(state["ptx"])
-
-
-def _input_files(cfg) -> tuple[str, str]:
-    """(prompt JSONL, pretraining JSONL): the flags, else the embedded world's files."""
-    prompt_file, ptx_file = cfg.prompt_file, cfg.ptx_file
-    if not prompt_file or (cfg.use_ptx and not ptx_file):
-        from instructjax.train.run import world_files
-        files = world_files(cfg.data)
-        prompt_file = prompt_file or str(files["prompts_train"])
-        ptx_file = ptx_file or str(files["pretrain_train"])
-    return prompt_file, ptx_file
-
-
-def make_inputs(cfg, tokenizer: Tokenizer) -> PPOInputs:
-    """This host's PPOInputs for a ppo.PPOConfig: the prompt file (and the pretraining file
-    for PPO-ptx) through tfds sources and grain, each host reading its own shard."""
-    prompt_file, ptx_file = _input_files(cfg)
-    tfds_dir = Path(cfg.data.data_dir) / "tfds"
-    num_shards = shards.resolve(cfg.data.data_shards)
-    prompts = builders.jsonl_data_source({"train": prompt_file}, kind="prompt",
-                                         data_dir=tfds_dir)["train"]
-    per_shard = shards.split_rows(cfg.rollout_batch_size, num_shards, "--rollout_batch_size")
-    prompt_iter = shards.ShardedIterator(
-        lambda s: prompt_dataset(prompts, tokenizer, max_prompt_len=cfg.max_prompt_len,
-                                 batch_size=per_shard, seed=cfg.seed, shard_index=s,
-                                 shard_count=num_shards), num_shards)
-    ptx_iter = None
-    if cfg.use_ptx:
-        texts = builders.jsonl_data_source({"train": ptx_file}, kind="text",
-                                           data_dir=tfds_dir)["train"]
-        rows = shards.split_rows(cfg.num_updates * cfg.ptx_batch_size, num_shards,
-                                 "the pretraining rows per iteration (ppo_epochs * "
-                                 "num_minibatches * --ptx_batch_size)")
-        ptx_iter = shards.ShardedIterator(
-            lambda s: pipeline.lm_dataset(texts, tokenizer, seq_len=cfg.ptx_seq_len,
-                                          batch_size=rows, seed=cfg.seed + 1, shard_index=s,
-                                          shard_count=num_shards), num_shards)
-    return PPOInputs(prompt_iter, ptx_iter, prompt_file=prompt_file)

@@ -160,7 +160,7 @@ FREE_FIELDS = frozenset({"workdir", "mesh", "log_every", "eval_every", "eval_bat
                          "compute_dtype", "remat", "allow_config_change", "tokenizer_path"})
 # What is trained, on what: never changed under a run's checkpoints.
 FIXED_FIELDS = ("model", "data", "task", "init_from", "policy_from", "reward_from",
-                "prompt_file", "ptx_file", "rm_read")
+                "prompt_file", "ptx_file", "rm_read", "algorithm", "group_size")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
