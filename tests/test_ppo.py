@@ -268,30 +268,30 @@ def test_toy_reward_rises_and_kl_grows_from_zero(toy, world_data):
     assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 0.1, scores
 
 
+def run_with_checkpoints(h, data, workdir, steps, total):
+    """`steps` iterations of harness `h` through the train loop, checkpointing every 2 into
+    `workdir` (resuming what is there); returns the state on the host."""
+    inputs = _inputs(h.cfg, data)
+    ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints")
+    state = loop.resume_or_init(ckpt, h.abstract, h.init_state, inputs)
+    writer = MetricsWriter(workdir, total_steps=total)
+    try:
+        state = loop.train_loop(
+            state, cfg=dataclasses.replace(h.cfg.loop_config(), steps=steps,
+                                           checkpoint_every=2, log_every=1),
+            train_step=lambda s, b, r: h.iteration(s, h.frozen, b, r),
+            base_rng=jax.random.key(11), data_iter=inputs, mesh=h.mesh,
+            checkpointer=ckpt, writer=writer)
+    finally:
+        writer.close()
+        ckpt.close()
+    return jax.device_get(state)
+
+
 def test_resume_in_process_is_exact(toy, world_data, tmp_path):
-    cfg, n = toy.cfg, 4
-    train_cfg = cfg.loop_config()
-
-    def run(workdir, steps):
-        inputs = _inputs(cfg, world_data)
-        ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints")
-        state = loop.resume_or_init(ckpt, toy.abstract, toy.init_state, inputs)
-        writer = MetricsWriter(workdir, total_steps=n)
-        try:
-            state = loop.train_loop(
-                state, cfg=dataclasses.replace(train_cfg, steps=steps, checkpoint_every=2,
-                                               log_every=1),
-                train_step=lambda s, b, r: toy.iteration(s, toy.frozen, b, r),
-                base_rng=jax.random.key(11), data_iter=inputs, mesh=toy.mesh,
-                checkpointer=ckpt, writer=writer)
-        finally:
-            writer.close()
-            ckpt.close()
-        return jax.device_get(state)
-
-    straight = run(tmp_path / "straight", n)
-    run(tmp_path / "resumed", n // 2)
-    resumed = run(tmp_path / "resumed", n)
+    straight = run_with_checkpoints(toy, world_data, tmp_path / "straight", 4, 4)
+    run_with_checkpoints(toy, world_data, tmp_path / "resumed", 2, 4)
+    resumed = run_with_checkpoints(toy, world_data, tmp_path / "resumed", 4, 4)
     jax.tree.map(np.testing.assert_array_equal, resumed, straight)
     # The PPO workdir's checkpoints are LM checkpoints: restore_params gives the policy.
     policy = ckpt_lib.restore_params(tmp_path / "resumed", toy.abstract.params)

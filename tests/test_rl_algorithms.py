@@ -1,6 +1,5 @@
 """Value-free RL (GRPO, RLOO) through the same iteration as PPO: group sampling, outcome
 advantages against a numpy reference, learning a toy reward, exact resume, bad settings."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -12,10 +11,10 @@ from instructjax.config import ConfigError, OptimConfig
 from instructjax.model.config import preset
 from instructjax.model.transformer import Transformer
 from instructjax.rlhf import ppo, rl_state, rollout
-from instructjax.train import checkpoint as ckpt_lib, loop, state as state_lib
-from instructjax.train.metrics import MetricsWriter
+from instructjax.train import state as state_lib
 
-from test_ppo import EOS, FAST_COMPILE, PAD, _cfg, _inputs, _random_batch, _toy_score, world_data  # noqa: F401
+from test_ppo import (EOS, FAST_COMPILE, PAD, _cfg, _inputs, _random_batch, _toy_score,  # noqa: F401
+                      run_with_checkpoints, world_data)
 
 MODEL = preset("tiny", vocab_size=512, max_len=64)
 
@@ -120,28 +119,10 @@ def test_grpo_learns_the_toy_reward_without_a_value_model(grpo, world_data):
 
 
 def test_grpo_resume_is_exact(grpo, world_data, tmp_path):
-    n = 4
-
-    def run(workdir, steps):
-        inputs = _inputs(grpo.cfg, world_data)
-        ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints")
-        state = loop.resume_or_init(ckpt, grpo.abstract, grpo.init_state, inputs)
-        writer = MetricsWriter(workdir, total_steps=n)
-        try:
-            state = loop.train_loop(
-                state, cfg=dataclasses.replace(grpo.cfg.loop_config(), steps=steps,
-                                               checkpoint_every=2, log_every=1),
-                train_step=lambda s, b, r: grpo.iteration(s, grpo.frozen, b, r),
-                base_rng=jax.random.key(11), data_iter=inputs, mesh=grpo.mesh,
-                checkpointer=ckpt, writer=writer)
-        finally:
-            writer.close()
-            ckpt.close()
-        return jax.device_get(state)
-
-    straight = run(tmp_path / "straight", n)
-    run(tmp_path / "resumed", n // 2)
-    jax.tree.map(np.testing.assert_array_equal, run(tmp_path / "resumed", n), straight)
+    straight = run_with_checkpoints(grpo, world_data, tmp_path / "straight", 4, 4)
+    run_with_checkpoints(grpo, world_data, tmp_path / "resumed", 2, 4)
+    resumed = run_with_checkpoints(grpo, world_data, tmp_path / "resumed", 4, 4)
+    jax.tree.map(np.testing.assert_array_equal, resumed, straight)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -51,8 +51,10 @@ def rollout_models(policy: Transformer, value: Transformer | None, reward: Trans
 class PPOMetricsWriter(MetricsWriter):
     """The standard writer, plus a second progress line with the RL quantities."""
 
-    RL_KEYS = ("rollout/score", "rollout/gold_score", "rollout/kl", "rollout/beta", "rollout/response_length",
-               "rollout/ended", "policy_loss", "value_loss", "clipfrac", "approx_kl", "ptx_loss")
+    RL_KEYS = ("rollout/score", "rollout/gold_score", "rollout/kl", "rollout/beta",
+               "rollout/response_length", "rollout/ended", "policy_loss", "value_loss",
+               "clipfrac", "approx_kl", "ptx_loss", "exec/passed", "exec/timeout",
+               "time/sample", "time/sandbox", "time/learn")
 
     def progress(self, step: int, metrics: dict[str, float]) -> None:
         super().progress(step, metrics)
