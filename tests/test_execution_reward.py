@@ -18,7 +18,8 @@ from instructjax.data.tokenizer import train_tokenizer
 from instructjax.rlhf import execution_reward as er, ppo, rollout
 
 from fakes import tiny_world_policy
-from test_ppo import EOS, FAST_COMPILE, PAD, _cfg, _inputs, _toy_score, world_data  # noqa: F401
+from test_ppo import (EOS, FAST_COMPILE, PAD, ppo_config, toy_inputs,  # noqa: F401
+                      toy_score, world_data)
 from test_rl_algorithms import ValueFreeHarness
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +76,7 @@ def test_completions_are_cut_at_stop_sequences_and_scored_by_their_tests(code_to
 def test_the_two_phase_iteration_equals_the_one_piece_iteration(world_data):
     # The host computes the same toy score the one-piece iteration computes inside: the
     # resulting states must agree.
-    cfg = _cfg(algorithm="rloo", group_size=4, rollout_batch_size=16, max_prompt_len=16,
+    cfg = ppo_config(algorithm="rloo", group_size=4, rollout_batch_size=16, max_prompt_len=16,
                max_new_tokens=8, gamma_ptx=0.0, init_kl_coef=0.05)
     mesh = parallel.make_mesh("data:1,fsdp:2,tensor:1", jax.devices()[:2])
     whole = ValueFreeHarness(cfg, mesh)
@@ -86,7 +87,7 @@ def test_the_two_phase_iteration_equals_the_one_piece_iteration(world_data):
         tx=whole.tx, schedule=ppo.make_optimizer(cfg)[1], mesh=mesh,
         state_shardings=whole.shardings, reference_shardings=whole.shardings.params,
         compiler_options=FAST_COMPILE)
-    batch = parallel.global_batch(next(_inputs(cfg, world_data)), mesh)
+    batch = parallel.global_batch(next(toy_inputs(cfg, world_data)), mesh)
     rng = jax.random.key(4)
     expected, expected_metrics = whole.iteration(whole.init_state(), whole.frozen, batch, rng)
 
@@ -95,7 +96,7 @@ def test_the_two_phase_iteration_equals_the_one_piece_iteration(world_data):
     prompt, prompt_mask = rollout.repeat_groups(batch["prompt_tokens"], batch["prompt_mask"], 4)
     tokens, positions, segments, response_mask = rollout.assemble(
         prompt, prompt_mask, responses["tokens_BxN"], responses["mask_BxN"])
-    score_B = _toy_score(None, tokens, positions, segments, response_mask)
+    score_B = toy_score(None, tokens, positions, segments, response_mask)
     got, metrics = learn_fn(state, whole.frozen["reference"], batch, responses, score_B, rng)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  jax.device_get(got), jax.device_get(expected))
@@ -105,10 +106,10 @@ def test_the_two_phase_iteration_equals_the_one_piece_iteration(world_data):
 
 def test_execution_reward_needs_a_problem_file_and_a_value_free_algorithm():
     with pytest.raises(ConfigError, match="--reward=execution scores the tests"):
-        _cfg(reward="execution", reward_from="", algorithm="ppo", prompt_file="p.jsonl")
+        ppo_config(reward="execution", reward_from="", algorithm="ppo", prompt_file="p.jsonl")
     with pytest.raises(ConfigError, match="--reward=execution scores the tests"):
-        _cfg(reward="execution", reward_from="", algorithm="grpo", group_size=4)
-    _cfg(reward="execution", reward_from="", algorithm="grpo", group_size=4,
+        ppo_config(reward="execution", reward_from="", algorithm="grpo", group_size=4)
+    ppo_config(reward="execution", reward_from="", algorithm="grpo", group_size=4,
          prompt_file="p.jsonl")
 
 

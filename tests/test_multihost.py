@@ -123,8 +123,10 @@ def test_two_processes_equal_one_and_checkpoints_move_between_them(single, tmp_p
     assert json.loads((one_then_two / "final_eval.json").read_text())["step"] == 6
 
 
-# PPO in CI; the value-free program (GRPO: group sampling, no value model) in the slow set.
-@pytest.mark.parametrize("algorithm", ["ppo", pytest.param("grpo", marks=pytest.mark.slow)])
+# Slow set (about a minute each): multi-process runs stay in CI through the pretraining test
+# above; these check the RL program on 2 processes, with and without a value model.
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
 def test_rl_iteration_two_processes_equals_one(single, tmp_path, algorithm):
     lm = single / "single"
     mesh = parallel.make_mesh("data:1,fsdp:1,tensor:1", jax.devices()[:1])
@@ -137,7 +139,8 @@ def test_rl_iteration_two_processes_equals_one(single, tmp_path, algorithm):
         return [f"--workdir={workdir}", f"--data_dir={single / 'data'}", f"--policy_from={lm}",
                 f"--reward_from={tmp_path / 'rm'}", "--world_pretrain_docs=150",
                 "--world_sft_train=50", "--world_eval=20", "--world_prompts=40", "--iterations=1",
-                "--rollout_batch_size=8", "--max_prompt_len=16", "--max_new_tokens=6",
+                f"--rollout_batch_size={8 if algorithm == 'ppo' else 16}",
+                "--max_prompt_len=16", "--max_new_tokens=6",
                 "--ppo_epochs=2", "--num_minibatches=2", "--gamma_ptx=1.0", "--ptx_batch_size=4",
                 "--ptx_seq_len=32", "--learning_rate=1e-3", "--warmup_steps=0", "--log_every=1",
                 SHARDS, f"--algorithm={algorithm}",

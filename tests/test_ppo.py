@@ -35,7 +35,7 @@ EOS, PAD = 1, 0
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
-def _cfg(**overrides):
+def ppo_config(**overrides):
     fields = dict(workdir="unused", policy_from="unused", reward_from="unused",
                   data=DataConfig(data_dir="unused"),
                   # eps well above float noise (see test_train): Adam must not amplify rounding.
@@ -58,13 +58,13 @@ class Harness:
                                             score_fn=score_fn)
         self.rollout_cfg = cfg.rollout_config(eos_id=EOS, pad_id=PAD)
         self.tx, schedule = ppo.make_optimizer(cfg)
-        self.abstract, self.shardings = rl_state.abstract_ppo_state(policy, value, self.tx, mesh,
-                                                               cfg.init_kl_coef)
+        self.abstract, self.shardings = rl_state.abstract_ppo_state(
+            policy, value, self.tx, mesh, cfg.init_kl_coef)
         if host_params is None:  # initialise into this mesh's shards
             self.lm_params = state_lib.init_params_sharded(policy, mesh, 2,
                                                            jax.random.key(seed))[0]
-            self.rm_params = rl_state.init_scalar_from_lm(self.lm_params, self.abstract.value_params,
-                                                     jax.random.key(seed + 1))
+            self.rm_params = rl_state.init_scalar_from_lm(
+                self.lm_params, self.abstract.value_params, jax.random.key(seed + 1))
         else:  # the same numbers as another harness, placed onto this mesh
             self.lm_params = jax.device_put(host_params[0], self.shardings.params)
             self.rm_params = jax.device_put(host_params[1], self.shardings.value_params)
@@ -84,15 +84,15 @@ class Harness:
         return jax.tree.map(jnp.copy, self.rm_params)
 
     def init_state(self):
-        return rl_state.init_ppo_state(self._lm(), self._rm(), self.tx, self.shardings, self.mesh,
-                                  self.cfg.init_kl_coef)
+        return rl_state.init_ppo_state(self._lm(), self._rm(), self.tx, self.shardings,
+                                       self.mesh, self.cfg.init_kl_coef)
 
     def step(self, state, batch, base_rng):
         return self.iteration(state, self.frozen, parallel.global_batch(batch, self.mesh),
                               base_rng)
 
 
-def _random_batch(cfg, vocab, seed=0):
+def random_batch(cfg, vocab, seed=0):
     rng = np.random.default_rng(seed)
     B, P = cfg.rollout_batch_size, cfg.max_prompt_len
     prompts = [list(rng.integers(3, vocab, n)) for n in rng.integers(1, P + 1, B)]
@@ -110,9 +110,9 @@ def _random_batch(cfg, vocab, seed=0):
 
 def test_one_iteration_same_on_every_mesh():
     # PPO-ptx at temperature 0.7: the recomputed, tempered log-probs must be the sampler's.
-    cfg = _cfg(temperature=0.7)
+    cfg = ppo_config(temperature=0.7)
     model_cfg = preset("tiny", vocab_size=64, max_len=32, n_layers=1)
-    batch = _random_batch(cfg, 64)
+    batch = random_batch(cfg, 64)
     host_params = None
 
     def run(mesh):
@@ -143,7 +143,7 @@ def test_one_iteration_same_on_every_mesh():
 # ----------------------------------------------------------------------------- (c) rollout
 
 def test_rollout_scores_last_real_token_and_penalises_missing_eos():
-    cfg = _cfg(max_prompt_len=6, max_new_tokens=4, no_eos_penalty=-3.0, temperature=0.8)
+    cfg = ppo_config(max_prompt_len=6, max_new_tokens=4, no_eos_penalty=-3.0, temperature=0.8)
     mesh = parallel.make_mesh("data:1,fsdp:1,tensor:1", jax.devices()[:1])
     h = Harness(cfg, mesh, preset("tiny", vocab_size=64, max_len=32, n_layers=1))
     prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13, 14], [15, 16]]
@@ -212,7 +212,7 @@ def test_rollout_scores_last_real_token_and_penalises_missing_eos():
 
 # ----------------------------------------------------------------------------- toy reward
 
-def _toy_score(reward_params, tokens_BxT, positions_BxT, segment_ids_BxT, response_mask_BxT):
+def toy_score(reward_params, tokens_BxT, positions_BxT, segment_ids_BxT, response_mask_BxT):
     """Toy reward: the fraction of response tokens with an even id (about 0.5 at the start;
     neutral towards the pretraining mix, which favours no parity)."""
     del reward_params, positions_BxT, segment_ids_BxT
@@ -236,16 +236,16 @@ def world_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def toy(world_data):
     """One compiled PPO-ptx iteration on the toy reward, shared by the tests below."""
-    cfg = _cfg(rollout_batch_size=32, max_prompt_len=16, max_new_tokens=8, ppo_epochs=2,
+    cfg = ppo_config(rollout_batch_size=32, max_prompt_len=16, max_new_tokens=8, ppo_epochs=2,
                num_minibatches=2, gamma_ptx=0.1, ptx_batch_size=4, ptx_seq_len=32,
                no_eos_penalty=None, iterations=10,
                optim=OptimConfig(learning_rate=1e-2, warmup_steps=0, schedule="constant",
                                  eps=1e-5))
     mesh = parallel.make_mesh("data:1,fsdp:2,tensor:1", jax.devices()[:2])
-    return Harness(cfg, mesh, preset("tiny", vocab_size=512, max_len=64), score_fn=_toy_score)
+    return Harness(cfg, mesh, preset("tiny", vocab_size=512, max_len=64), score_fn=toy_score)
 
 
-def _inputs(cfg, data):
+def toy_inputs(cfg, data):
     tok = data["tokenizer"]
     prompts = rl_inputs.prompt_dataset(data["prompts"], tok, max_prompt_len=cfg.max_prompt_len,
                                      batch_size=cfg.rollout_batch_size, seed=0)
@@ -255,7 +255,7 @@ def _inputs(cfg, data):
 
 
 def test_toy_reward_rises_and_kl_grows_from_zero(toy, world_data):
-    state, inputs = toy.init_state(), _inputs(toy.cfg, world_data)
+    state, inputs = toy.init_state(), toy_inputs(toy.cfg, world_data)
     scores, kls = [], []
     for _ in range(toy.cfg.iterations):
         state, metrics = toy.step(state, next(inputs), jax.random.key(0))
@@ -271,7 +271,7 @@ def test_toy_reward_rises_and_kl_grows_from_zero(toy, world_data):
 def run_with_checkpoints(h, data, workdir, steps, total):
     """`steps` iterations of harness `h` through the train loop, checkpointing every 2 into
     `workdir` (resuming what is there); returns the state on the host."""
-    inputs = _inputs(h.cfg, data)
+    inputs = toy_inputs(h.cfg, data)
     ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints")
     state = loop.resume_or_init(ckpt, h.abstract, h.init_state, inputs)
     writer = MetricsWriter(workdir, total_steps=total)
@@ -366,15 +366,15 @@ def test_sigkill_then_resume_equals_uninterrupted(stage_dirs, tmp_path, algorith
 
 def test_bad_settings_give_clear_errors(tmp_path):
     with pytest.raises(ppo.ConfigError, match=r"--rollout_batch_size \(9\) must be a multiple"):
-        _cfg(rollout_batch_size=9)
+        ppo_config(rollout_batch_size=9)
     with pytest.raises(ppo.ConfigError, match="--kl_target must be > 0"):
-        _cfg(kl_target=0.0)
+        ppo_config(kl_target=0.0)
     with pytest.raises(ppo.ConfigError, match="--temperature must be > 0"):
-        _cfg(temperature=0.0)
+        ppo_config(temperature=0.0)
     sft, rm = tmp_path / "sft_nope", tmp_path / "rm_nope"
     for extra, message in [
             (["--steps=3"], "error: --steps does not apply to RL: use --iterations"),
-            ([], f"error: {sft / 'tokenizer.model'} not found")]:
+            ([], f"error: {sft / 'model_config.json'} not found")]:
         result = subprocess.run(_ppo_cmd(tmp_path / "w", tmp_path / "data", sft, rm, *extra),
                                 cwd=ROOT,
                                 env=_env(), capture_output=True, text=True, timeout=120)

@@ -13,8 +13,8 @@ from instructjax.model.transformer import Transformer
 from instructjax.rlhf import ppo, rl_state, rollout
 from instructjax.train import state as state_lib
 
-from test_ppo import (EOS, FAST_COMPILE, PAD, _cfg, _inputs, _random_batch, _toy_score,  # noqa: F401
-                      run_with_checkpoints, world_data)
+from test_ppo import (EOS, FAST_COMPILE, PAD, ppo_config, random_batch,  # noqa: F401
+                      run_with_checkpoints, toy_inputs, toy_score, world_data)
 
 MODEL = preset("tiny", vocab_size=512, max_len=64)
 
@@ -22,20 +22,20 @@ MODEL = preset("tiny", vocab_size=512, max_len=64)
 class ValueFreeHarness:
     """Policy + frozen reference and reward, no value model, the jitted iteration."""
 
-    def __init__(self, cfg, mesh, score_fn=_toy_score, seed=0):
+    def __init__(self, cfg, mesh, score_fn=toy_score, seed=0):
         self.cfg, self.mesh = cfg, mesh
         policy, reward = Transformer(MODEL), Transformer(MODEL, head="scalar")
         self.models = rollout.RolloutModels(policy=policy, value=None, reward=reward,
                                             score_fn=score_fn)
         self.tx, schedule = ppo.make_optimizer(cfg)
-        self.abstract, self.shardings = rl_state.abstract_ppo_state(policy, None, self.tx, mesh,
-                                                               cfg.init_kl_coef)
+        self.abstract, self.shardings = rl_state.abstract_ppo_state(
+            policy, None, self.tx, mesh, cfg.init_kl_coef)
         self.lm_params = state_lib.init_params_sharded(policy, mesh, 2, jax.random.key(seed))[0]
         reward_abstract, reward_shardings = state_lib.abstract_params(reward, mesh)
         # Fresh buffers: the state is donated every iteration, the frozen params not.
         self.frozen = {"reference": jax.tree.map(jnp.copy, self.lm_params),
-                       "reward": rl_state.init_scalar_from_lm(self.lm_params, reward_abstract,
-                                                         jax.random.key(seed + 1))}
+                       "reward": rl_state.init_scalar_from_lm(
+                           self.lm_params, reward_abstract, jax.random.key(seed + 1))}
         self.iteration = ppo.make_ppo_iteration(
             cfg, models=self.models, rollout_cfg=cfg.rollout_config(eos_id=EOS, pad_id=PAD),
             tx=self.tx, schedule=schedule, mesh=mesh, state_shardings=self.shardings,
@@ -43,8 +43,8 @@ class ValueFreeHarness:
             compiler_options=FAST_COMPILE)
 
     def init_state(self):
-        return rl_state.init_ppo_state(jax.tree.map(jnp.copy, self.lm_params), {}, self.tx, self.shardings, self.mesh,
-                                  self.cfg.init_kl_coef)
+        return rl_state.init_ppo_state(jax.tree.map(jnp.copy, self.lm_params), {}, self.tx,
+                                       self.shardings, self.mesh, self.cfg.init_kl_coef)
 
 
 def _group_reference(reward, G, how):
@@ -57,17 +57,17 @@ def _group_reference(reward, G, how):
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
 def test_outcome_advantages_follow_the_group_of_each_prompt(algorithm):
     G, beta, penalty = 4, 0.3, -1.0
-    cfg = _cfg(algorithm=algorithm, group_size=G, rollout_batch_size=8, gamma_ptx=0.0,
+    cfg = ppo_config(algorithm=algorithm, group_size=G, rollout_batch_size=8, gamma_ptx=0.0,
                init_kl_coef=beta, no_eos_penalty=penalty, max_new_tokens=6)
     rcfg = cfg.rollout_config(eos_id=EOS, pad_id=PAD)
     mesh = parallel.make_mesh("data:1,fsdp:1,tensor:1", jax.devices()[:1])
     policy, reward = Transformer(MODEL), Transformer(MODEL, head="scalar")
     models = rollout.RolloutModels(policy=policy, value=None, reward=reward,
-                                   score_fn=_toy_score)
+                                   score_fn=toy_score)
     lm = state_lib.init_params_sharded(policy, mesh, 2, jax.random.key(0))[0]
     # A reference other than the policy, so the KL is not zero.
     ref = state_lib.init_params_sharded(policy, mesh, 2, jax.random.key(5))[0]
-    batch = _random_batch(_cfg(rollout_batch_size=2, gamma_ptx=0.0), 512)  # 2 prompts
+    batch = random_batch(ppo_config(rollout_batch_size=2, gamma_ptx=0.0), 512)  # 2 prompts
     out, stats = jax.jit(lambda p, f, t, m: rollout.rollout(
         p, f, t, m, jax.random.key(3), beta, models=models, cfg=rcfg))(
         {"policy": lm, "value": {}}, {"reference": ref, "reward": {}},
@@ -95,7 +95,7 @@ def test_outcome_advantages_follow_the_group_of_each_prompt(algorithm):
 
 @pytest.fixture(scope="module")
 def grpo(world_data):
-    cfg = _cfg(algorithm="grpo", group_size=4, rollout_batch_size=32, max_prompt_len=16,
+    cfg = ppo_config(algorithm="grpo", group_size=4, rollout_batch_size=32, max_prompt_len=16,
                max_new_tokens=8, ppo_epochs=2, num_minibatches=2, gamma_ptx=0.1,
                ptx_batch_size=4, ptx_seq_len=32, no_eos_penalty=None, iterations=10,
                init_kl_coef=0.01,
@@ -105,7 +105,7 @@ def grpo(world_data):
 
 
 def test_grpo_learns_the_toy_reward_without_a_value_model(grpo, world_data):
-    state, inputs = grpo.init_state(), _inputs(grpo.cfg, world_data)
+    state, inputs = grpo.init_state(), toy_inputs(grpo.cfg, world_data)
     assert state.value_params == {}
     scores = []
     for _ in range(grpo.cfg.iterations):
@@ -133,4 +133,4 @@ def test_grpo_resume_is_exact(grpo, world_data, tmp_path):
 ])
 def test_bad_algorithm_settings_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        _cfg(**overrides)
+        ppo_config(**overrides)
