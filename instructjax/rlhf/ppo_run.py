@@ -238,10 +238,10 @@ def _train(cfg: PPOConfig, run: wd.Run, mesh: Mesh, tokenizer: Tokenizer,
         else:
             scorer = stack.enter_context(ExecutionReward(inputs.prompt_file, tokenizer,
                                                          cfg.execution))
-            train_step = _host_scored_step(cfg, mesh, scorer, frozen["reference"], last,
-                                           make_host_scored_iteration(
+            phases = make_host_scored_iteration(
                 cfg, models=models, rollout_cfg=rollout_cfg, tx=tx, schedule=schedule,
-                mesh=mesh, state_shardings=shardings, reference_shardings=shardings.params))
+                mesh=mesh, state_shardings=shardings, reference_shardings=shardings.params)
+            train_step = _host_scored_step(cfg, mesh, scorer, frozen["reference"], last, phases)
         state = loop.train_loop(state, cfg=cfg.loop_config(), train_step=train_step,
                                 base_rng=jax.random.fold_in(seed_key, 2), data_iter=inputs,
                                 mesh=mesh, checkpointer=checkpointer, writer=writer)

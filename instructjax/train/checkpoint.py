@@ -150,7 +150,8 @@ def restore_params(workdir: str | Path, abstract_params: Any, *, field: str = "p
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(
-            f"--init_from={workdir}: no checkpoint under {directory}; run that stage first")
+            f"{workdir}: no checkpoint under {directory}; run (or finish) the stage that "
+            "writes it first")
     item = {field: abstract_params}
     where = f"checkpoint {directory / str(step)} (the latest of {workdir})"
     try:
