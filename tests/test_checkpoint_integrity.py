@@ -47,22 +47,28 @@ def _save(directory, states):
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage, caplog):
     ckpt = _save(tmp_path / "checkpoints", {1: _state(1.0), 2: _state(2.0)})
     damage(_largest_file(tmp_path / "checkpoints" / "2"))
+    # Another stage reading this run's weights refuses the damaged ones...
+    with pytest.raises(ckpt_lib.CheckpointError, match="rerun the stage that wrote it"):
+        ckpt_lib.restore_params(tmp_path, _abstract(_state(0.0))["params"])
+    # ...the run itself resumes from the newest intact one and sets the damaged one aside,
     state, meta = ckpt.restore(_abstract(_state(0.0)))
     assert meta == {"data_iter": 1}
     np.testing.assert_array_equal(state["params"]["w"], np.full((64, 64), 1.0, np.float32))
     assert "checkpoints/2" in caplog.text and "falling back to step 1" in caplog.text
-
-    with pytest.raises(ckpt_lib.CheckpointError, match="rerun the stage that wrote it"):
-        ckpt_lib.restore_params(tmp_path, _abstract(_state(0.0))["params"])
+    assert (tmp_path / "damaged_checkpoints" / "2").is_dir() and ckpt.latest_step() == 1
+    # so that it can save that step again.
+    ckpt.save(2, _state(3.0), {"data_iter": 2})
     ckpt.close()
+    params = ckpt_lib.restore_params(tmp_path, _abstract(_state(0.0))["params"])
+    np.testing.assert_array_equal(params["w"], np.full((64, 64), 3.0, np.float32))
 
 
 def test_non_finite_weights_are_refused(tmp_path):
     ckpt = _save(tmp_path / "checkpoints", {1: _state(1.0), 2: _state(float("nan"))})
-    state, meta = ckpt.restore(_abstract(_state(0.0)))
-    assert meta == {"data_iter": 1}
     with pytest.raises(ckpt_lib.CheckpointError, match=r"non-finite values in params\['w'\]"):
         ckpt_lib.restore_params(tmp_path, _abstract(_state(0.0))["params"])
+    state, meta = ckpt.restore(_abstract(_state(0.0)))
+    assert meta == {"data_iter": 1}
     ckpt.close()
 
 

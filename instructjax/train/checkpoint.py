@@ -9,13 +9,17 @@ mesh shape and any number of processes.
 Each save records a fingerprint of every array (two sums of its bit patterns, mod 2^32:
 exact, so independent of the mesh and reduction order); a restore recomputes them and checks
 that the floats are finite. A damaged latest checkpoint (flipped or missing bytes) falls
-back to the newest intact one with a warning; `restore_params`, which reads a finished
-run's weights for another stage, refuses a damaged one.
+back to the newest intact one with a warning, and the damaged ones are moved aside to
+<workdir>/damaged_checkpoints/ (so the resumed run can save those steps again);
+`restore_params`, which reads a finished run's weights for another stage, refuses a damaged
+one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -127,13 +131,33 @@ class Checkpointer:
         steps = sorted(self._manager.all_steps(), reverse=True)
         for i, candidate in enumerate(steps):
             try:
-                return self._restore_verified(abstract_state, candidate)
+                restored = self._restore_verified(abstract_state, candidate)
             except CheckpointError as e:
                 if i + 1 == len(steps):
                     raise CheckpointError(f"{e}; no intact checkpoint is left in "
                                           f"{self.directory}") from None
                 logging.warning("%s; falling back to step %d", e, steps[i + 1])
+            else:
+                if i:
+                    self._set_aside(steps[:i])
+                return restored
         return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves damaged checkpoints out of the manager's directory, kept for inspection."""
+        aside = self.directory.parent / "damaged_checkpoints"
+        if jax.process_index() == 0:
+            aside.mkdir(exist_ok=True)
+            for step in steps:
+                if (aside / str(step)).exists():
+                    shutil.rmtree(aside / str(step))
+                os.replace(self.directory / str(step), aside / str(step))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("checkpoints set aside")
+        self._manager.reload()
+        logging.warning("moved the damaged checkpoint(s) of step(s) %s to %s",
+                        ", ".join(map(str, steps)), aside)
 
     def close(self) -> None:
         self._manager.close()

@@ -108,10 +108,12 @@ def train_loop(state, *, cfg: TrainConfig, train_step: Callable, base_rng: jax.A
             loss = reduce_metrics({"loss": metrics["loss"]})["loss"]
             if not math.isfinite(loss):
                 last = checkpointer.latest_step()
+                kept = ("no checkpoint had been saved yet" if last is None else
+                        f"the last good checkpoint (step {last}) in {checkpointer.directory} "
+                        "is intact")
                 raise NonFiniteLossError(
-                    f"step {step}: training loss is {loss}. Stopped without saving; the last good "
-                    f"checkpoint (step {last}) in {checkpointer.directory} is intact. Try a lower "
-                    "--learning_rate, more --warmup_steps or --grad_clip_norm.")
+                    f"step {step}: training loss is {loss}. Stopped without saving; {kept}. Try "
+                    "a lower --learning_rate, more --warmup_steps or --grad_clip_norm.")
             window.add(metrics)
             window_steps += 1
 
