@@ -192,3 +192,20 @@ def test_a_stage_pointed_at_the_wrong_kind_of_run_says_so(tmp_path):
         wd.require_role(lm, "reward", "--reward_from")
     with pytest.raises(wd.ConfigError, match=r"--policy_from=.*old_rm is a reward-model run"):
         wd.load_trained(old_rm, mesh=None, flag="--policy_from")
+
+
+def test_a_stopped_stage_is_run_again_and_a_finished_one_skipped(tmp_path, monkeypatch):
+    codes = iter([wd.EXIT_STOPPED, 0])
+    calls = []
+    monkeypatch.setattr(stages, "run_child", lambda cmd: calls.append(cmd) or next(codes))
+    flagfile = tmp_path / "stage.flags"
+    flagfile.write_text("")
+    done = tmp_path / wd.FINAL_EVAL_FILE  # a stopped run never writes it
+    with pytest.raises(SystemExit) as stopped:
+        stages.run_stage("sft", "experiments.sft", str(flagfile), done, [])
+    assert stopped.value.code == wd.EXIT_STOPPED
+    assert stages.run_stage("sft", "experiments.sft", str(flagfile), done, [])  # rerun: runs
+    assert len(calls) == 2
+    done.write_text("{}")
+    assert stages.run_stage("sft", "experiments.sft", str(flagfile), done, [])  # finished
+    assert len(calls) == 2
