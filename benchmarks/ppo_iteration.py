@@ -147,11 +147,12 @@ def main(argv):
     if FLAGS.execution_run:
         return execution_split(FLAGS.execution_run)
     from instructjax import parallel
-    from instructjax.config import DataConfig, OptimConfig
+    from instructjax.config import OptimConfig
     from instructjax.rl_losses import PolicyValueApply
     from instructjax.model.config import preset
     from instructjax.model.transformer import Transformer
     from instructjax.rlhf import ppo, rl_state, rollout
+    from instructjax.rlhf.rl_program import build_rl_program
     from instructjax.sampling import sample
     from instructjax.train import state as state_lib
 
@@ -163,7 +164,6 @@ def main(argv):
                          f"max_len {model_cfg.max_len}")
     eos, pad = -1, 0  # no EOS: every row generates exactly N tokens, like HF's min_new_tokens
     cfg = ppo.PPOConfig(
-        workdir="-", policy_from="-", reward_from="-", data=DataConfig(data_dir="-"),
         optim=OptimConfig(learning_rate=1e-5, warmup_steps=0), iterations=10,
         rollout_batch_size=B, max_prompt_len=P, max_new_tokens=N, ppo_epochs=FLAGS.ppo_epochs,
         num_minibatches=FLAGS.num_minibatches, gamma_ptx=FLAGS.gamma_ptx,
@@ -172,20 +172,18 @@ def main(argv):
     policy, scalar = Transformer(model_cfg), Transformer(model_cfg, head="scalar")
     value = scalar if cfg.algo.uses_value_model else None
     models = rollout.RolloutModels(policy=policy, value=value, reward=scalar)
-    rollout_cfg = cfg.rollout_config(eos_id=eos, pad_id=pad)
-    tx, schedule = ppo.make_optimizer(cfg)
-    abstract, shardings = rl_state.abstract_ppo_state(policy, value, tx, mesh, cfg.init_kl_coef)
-    reward_abstract, reward_shardings = state_lib.abstract_params(scalar, mesh)
+    program = build_rl_program(cfg, models, mesh, eos_id=eos, pad_id=pad)
+    rollout_cfg, tx = program.rollout_cfg, program.tx
 
     def lm():
         return state_lib.init_params_sharded(policy, mesh, 2, jax.random.key(0))[0]
 
     def rm():
-        return rl_state.init_scalar_from_lm(lm(), reward_abstract, jax.random.key(1))
+        return rl_state.init_scalar_from_lm(lm(), program.abstract_frozen["reward"],
+                                            jax.random.key(1))
 
     frozen = {"reference": lm(), "reward": rm()}
-    state = rl_state.init_ppo_state(lm(), rm() if value is not None else {}, tx, shardings,
-                                    mesh, cfg.init_kl_coef)
+    state = program.init_state(lm(), rm() if value is not None else {})
     rng = np.random.default_rng(0)
     # The sampler alone (and HF) on all B rows; the rollout repeats B / G prompts G times.
     prompts_BxP = rng.integers(3, model_cfg.vocab_size, (B, P)).astype(np.int32)
@@ -208,10 +206,7 @@ def main(argv):
     apply = PolicyValueApply.from_models(policy, value)
     learner = parallel.ShardedJit(lambda params, opt_state, ppo_batch, ptx, r: ppo.ppo_update(
         params, opt_state, ppo_batch, ptx, r, cfg=cfg, apply=apply, tx=tx, mesh=mesh), mesh)
-    iteration = ppo.make_ppo_iteration(
-        cfg, models=models, rollout_cfg=rollout_cfg, tx=tx, schedule=schedule, mesh=mesh,
-        state_shardings=shardings,
-        frozen_shardings={"reference": shardings.params, "reward": reward_shardings})
+    iteration = program.iteration()
 
     trainable = state.trainable
     ptx = ({k[4:]: v for k, v in gbatch.items() if k.startswith("ptx_")}

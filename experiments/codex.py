@@ -90,17 +90,17 @@ def run_stages(root: Path) -> dict[str, float]:
         f"--eval_files={codex_data / 'codex_s_eval.jsonl'}"])
     if FLAGS.rl_flags:
         train("rl", "experiments.rl", FLAGS.rl_flags, [
-            f"--policy_from={root / 'codex_s'}", f"--prompt_file={codex_data / RL_PROBLEMS}"],
+            f"--init_from={root / 'codex_s'}", f"--prompt_file={codex_data / RL_PROBLEMS}"],
             flag="rl_flags")
     for model in models(bool(FLAGS.rl_flags)):
         out = root / "passk" / model
         stage(f"passk_{model}", "experiments.passk", FLAGS.passk_flags, out / "summary.json",
-              [f"--checkpoint={root / model}", f"--problems={codex_data / 'problems_test.jsonl'}",
+              [f"--policy_from={root / model}", f"--problems={codex_data / 'problems_test.jsonl'}",
                f"--out={out}"], flag="passk_flags")
         if FLAGS.passk_new_flags:
             out = root / "passk_new" / model
             stage(f"passk_new_{model}", "experiments.passk", FLAGS.passk_new_flags,
-                  out / "summary.json", [f"--checkpoint={root / model}", "--problems="
+                  out / "summary.json", [f"--policy_from={root / model}", "--problems="
                                          f"{codex_data / 'problems_new_instances.jsonl'}",
                                          f"--out={out}"], flag="passk_new_flags")
     if FLAGS.codex_d_flags:
@@ -116,7 +116,7 @@ def run_stages(root: Path) -> dict[str, float]:
     if FLAGS.humaneval_flags:
         out = root / "passk" / "humaneval_codex_s"
         stage("humaneval", "experiments.passk", FLAGS.humaneval_flags, out / "summary.json",
-              [f"--checkpoint={root / 'codex_s'}", f"--out={out}"])
+              [f"--policy_from={root / 'codex_s'}", f"--out={out}"])
     return seconds
 
 

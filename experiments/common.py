@@ -21,7 +21,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config. Reruns resume.")
 flags.DEFINE_string("mesh", "data:1,fsdp:-1,tensor:1",
                     "Device mesh as axis:size over data,fsdp,tensor; -1 takes the remaining devices.")
-flags.DEFINE_string("init_from", "", "Workdir of an earlier stage whose final params start this run.")
+flags.DEFINE_string("init_from", "", "Workdir of an earlier stage whose final params start this "
+                    "run (an RL run's policy and KL reference).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
@@ -150,6 +151,22 @@ def train_config_from_flags(**overrides) -> config_lib.TrainConfig:
         "allow_config_change": FLAGS.allow_config_change, **overrides})
 
 
+def data_config_from_flags(vocab_size: int = 0) -> config_lib.DataConfig:
+    """The data flags; `vocab_size` is the model's, used unless --vocab_size is given."""
+    if not FLAGS.workdir:
+        raise flags.ValidationError("--workdir is required")
+    return config_lib.DataConfig(
+        data_dir=FLAGS.data_dir or os.path.join(FLAGS.workdir, "data"),
+        world_seed=FLAGS.world_seed, train_files=tuple(FLAGS.train_files),
+        eval_files=tuple(FLAGS.eval_files), tokenizer_path=FLAGS.tokenizer_path,
+        vocab_size=FLAGS.vocab_size if FLAGS["vocab_size"].present or not vocab_size
+        else vocab_size,
+        whitespace_runs=FLAGS.whitespace_runs,
+        world_pretrain_docs=FLAGS.world_pretrain_docs, world_sft_train=FLAGS.world_sft_train,
+        world_eval=FLAGS.world_eval, world_prompts=FLAGS.world_prompts,
+        data_shards=FLAGS.data_shards)
+
+
 def run_config_from_flags(task: str) -> config_lib.RunConfig:
     if not FLAGS.workdir:
         raise flags.ValidationError("--workdir is required")
@@ -164,15 +181,7 @@ def run_config_from_flags(task: str) -> config_lib.RunConfig:
         model=model,
         optim=optim_config_from_flags(),
         train=train_config_from_flags(pack_rows=FLAGS.pack_rows),
-        data=config_lib.DataConfig(
-            data_dir=FLAGS.data_dir or os.path.join(FLAGS.workdir, "data"),
-            world_seed=FLAGS.world_seed, train_files=tuple(FLAGS.train_files),
-            eval_files=tuple(FLAGS.eval_files), tokenizer_path=FLAGS.tokenizer_path,
-            vocab_size=FLAGS.vocab_size if FLAGS["vocab_size"].present else model.vocab_size,
-            whitespace_runs=FLAGS.whitespace_runs,
-            world_pretrain_docs=FLAGS.world_pretrain_docs, world_sft_train=FLAGS.world_sft_train,
-            world_eval=FLAGS.world_eval, world_prompts=FLAGS.world_prompts,
-            data_shards=FLAGS.data_shards),
+        data=data_config_from_flags(model.vocab_size),
     )
 
 

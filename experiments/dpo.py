@@ -41,8 +41,7 @@ REJECTED = {
 
 
 def config_from_flags():
-    from instructjax.config import DataConfig
-    from instructjax.train.dpo_run import DPOConfig
+    from instructjax.rlhf.dpo_run import DPOConfig
     for name, why in REJECTED.items():
         if name in FLAGS and FLAGS[name].present:
             raise ValueError(f"--{name} does not apply to DPO: {why}")
@@ -50,21 +49,18 @@ def config_from_flags():
         raise ValueError("give --epochs or --steps, not both (add --epochs=0 to use --steps)")
     if not FLAGS.workdir:
         raise ValueError("--workdir is required")
-    # Built here, not by common.run_config_from_flags: that checks --seq_len against the
-    # --model preset, and DPO's model is the --init_from one (checked in train_dpo).
+    # Not common.run_config_from_flags: that checks --seq_len against the --model preset,
+    # and DPO's model is the --init_from one (checked in train_dpo).
     return DPOConfig(
         workdir=FLAGS.workdir, init_from=FLAGS.init_from or "", mesh=FLAGS.mesh,
         beta=FLAGS.dpo_beta, label_smoothing=FLAGS.dpo_label_smoothing, pairs=FLAGS.dpo_pairs,
         epochs=FLAGS.epochs, remat=FLAGS.remat,
         compute_dtype=FLAGS.compute_dtype if FLAGS["compute_dtype"].present else "",
         optim=common.optim_config_from_flags(), train=common.train_config_from_flags(),
-        data=DataConfig(
-            data_dir=FLAGS.data_dir or f"{FLAGS.workdir}/data",
-            train_files=tuple(FLAGS.train_files), eval_files=tuple(FLAGS.eval_files),
-            data_shards=FLAGS.data_shards))
+        data=common.data_config_from_flags())
 
 
-main = common.experiment_main(config_from_flags, "instructjax.train.dpo_run:train_dpo")
+main = common.experiment_main(config_from_flags, "instructjax.rlhf.dpo_run:train_dpo")
 
 
 if __name__ == "__main__":

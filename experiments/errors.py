@@ -1,6 +1,7 @@
 """One line and exit status 1 for every failure a user can cause and fix (a bad file, a
 wrong workdir, a full disk); a preempted run exits 143. `--traceback` shows the whole
-traceback instead, for bug reports. Every entry point runs its main through `user_facing`.
+traceback instead, for bug reports. Every entry point runs its main through `user_facing`;
+a renamed flag keeps its old name as a deprecated alias (`renamed_flag`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import errno
 import functools
 import sys
 
-from absl import flags
+from absl import flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("traceback", False, "On an error, raise with the full traceback instead of "
@@ -69,3 +70,13 @@ def user_facing(main=None, *, also: tuple[type[BaseException], ...] = ()):
                 raise
             raise SystemExit(line) from None
     return wrapped
+
+
+def renamed_flag(old: str, new: str):
+    """The value of --new, or of --old, its deprecated name (with a warning)."""
+    if not FLAGS[old].present:
+        return FLAGS[new].value
+    if FLAGS[new].present and FLAGS[new].value != FLAGS[old].value:
+        raise ValueError(f"--{old} is the deprecated name of --{new}: give only --{new}")
+    logging.warning("--%s is deprecated: use --%s", old, new)
+    return FLAGS[old].value

@@ -64,7 +64,7 @@ def run_stages(root: Path) -> dict[str, Path]:
         return policies
     if train("reward", "experiments.reward", [f"--init_from={d['sft']}"]):
         for name in ("ppo", "ppo_ptx"):
-            if train(name, "experiments.ppo", [f"--policy_from={d['sft']}",
+            if train(name, "experiments.rl", [f"--init_from={d['sft']}",
                                                f"--reward_from={d['reward']}"]):
                 policies[name] = d[name]
     if train("dpo", "experiments.dpo", [f"--init_from={d['sft']}"]):

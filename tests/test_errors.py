@@ -66,7 +66,7 @@ def test_stray_arguments_are_refused():
 ENTRY_POINTS = [
     ("pretrain", ["--workdir=/sys/fs/instructjax-test"]),
     ("sft", ["--workdir={tmp}/w", "--init_from={tmp}/missing"]),
-    ("ppo", ["--policy_from={tmp}/missing", "--reward_from={tmp}/missing", "--workdir={tmp}/w"]),
+    ("ppo", ["--init_from={tmp}/missing", "--reward_from={tmp}/missing", "--workdir={tmp}/w"]),
     ("dpo", ["--init_from={tmp}/missing", "--workdir={tmp}/w"]),
     ("sample", ["--policy_from={tmp}/missing", "--prompt_file={tmp}/p.jsonl",
                 "--output={tmp}/o.jsonl"]),
@@ -103,3 +103,19 @@ def test_traceback_flag_shows_the_traceback(tmp_path):
                              "--output={tmp}/o.jsonl", "--traceback"], tmp_path)
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "FileNotFoundError" in result.stderr
+
+
+def test_old_flag_names_still_work_with_a_warning(tmp_path):
+    # RL's --policy_from is now --init_from, passk's --checkpoint --policy_from.
+    rl = _run("rl", ["--policy_from={tmp}/missing", "--reward_from={tmp}/missing",
+                     "--workdir={tmp}/w"], tmp_path)
+    assert "--policy_from is deprecated: use --init_from" in rl.stderr, rl.stderr
+    assert rl.returncode == 1 and "missing" in rl.stderr.splitlines()[-1], rl.stderr
+    passk = _run("passk", ["--checkpoint={tmp}/missing", "--out={tmp}/o", "--sandbox=none"],
+                 tmp_path)
+    assert "--checkpoint is deprecated: use --policy_from" in passk.stderr, passk.stderr
+    assert passk.stderr.splitlines()[-1].startswith("error: --policy_from="), passk.stderr
+    both = _run("rl", ["--policy_from={tmp}/a", "--init_from={tmp}/b", "--workdir={tmp}/w"],
+                tmp_path)
+    assert both.returncode == 1
+    assert "--policy_from is the deprecated name of --init_from" in both.stderr, both.stderr

@@ -15,7 +15,8 @@ from instructjax import parallel
 from instructjax.config import ConfigError
 from instructjax.data.jsonl import DataError
 from instructjax.data.tokenizer import train_tokenizer
-from instructjax.rlhf import execution_reward as er, ppo, rollout
+from instructjax.rlhf import execution_reward as er, rollout
+from instructjax.rlhf.rl_program import build_rl_program
 
 from fakes import tiny_world_policy
 from test_ppo import (EOS, FAST_COMPILE, PAD, ppo_config, toy_inputs,  # noqa: F401
@@ -82,11 +83,8 @@ def test_the_two_phase_iteration_equals_the_one_piece_iteration(world_data):
     whole = ValueFreeHarness(cfg, mesh)
     models = rollout.RolloutModels(policy=whole.models.policy, value=None, reward=None,
                                    score_fn=er.given_score)
-    sample_fn, learn_fn = ppo.make_host_scored_iteration(
-        cfg, models=models, rollout_cfg=cfg.rollout_config(eos_id=EOS, pad_id=PAD),
-        tx=whole.tx, schedule=ppo.make_optimizer(cfg)[1], mesh=mesh,
-        state_shardings=whole.shardings, reference_shardings=whole.shardings.params,
-        compiler_options=FAST_COMPILE)
+    sample_fn, learn_fn = build_rl_program(cfg, models, mesh, eos_id=EOS, pad_id=PAD
+                                           ).host_scored(compiler_options=FAST_COMPILE)
     batch = parallel.global_batch(next(toy_inputs(cfg, world_data)), mesh)
     rng = jax.random.key(4)
     expected, expected_metrics = whole.iteration(whole.init_state(), whole.frozen, batch, rng)

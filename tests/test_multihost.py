@@ -136,7 +136,7 @@ def test_rl_iteration_two_processes_equals_one(single, tmp_path, algorithm):
              rl_state.init_scalar_from_lm(lm_params, scalar, jax.random.key(1)))
 
     def flags(workdir):
-        return [f"--workdir={workdir}", f"--data_dir={single / 'data'}", f"--policy_from={lm}",
+        return [f"--workdir={workdir}", f"--data_dir={single / 'data'}", f"--init_from={lm}",
                 f"--reward_from={tmp_path / 'rm'}", "--world_pretrain_docs=150",
                 "--world_sft_train=50", "--world_eval=20", "--world_prompts=40", "--iterations=1",
                 f"--rollout_batch_size={8 if algorithm == 'ppo' else 16}",

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from instructjax import parallel, rl_ops
-from instructjax.config import DataConfig, OptimConfig
+from instructjax.config import OptimConfig
 from instructjax.data import world
 from instructjax.data.jsonl import read_jsonl
 from instructjax.data.pipeline import lm_dataset
@@ -23,6 +23,7 @@ from instructjax.data.tokenizer import train_tokenizer
 from instructjax.model.config import preset
 from instructjax.model.transformer import Transformer
 from instructjax.rlhf import ppo, ppo_run, rl_inputs, rl_state, rollout
+from instructjax.rlhf.rl_program import build_rl_program
 from instructjax.sampling import left_pad
 from instructjax.train import checkpoint as ckpt_lib, loop, state as state_lib
 from instructjax.train.metrics import MetricsWriter
@@ -36,9 +37,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def ppo_config(**overrides):
-    fields = dict(workdir="unused", policy_from="unused", reward_from="unused",
-                  data=DataConfig(data_dir="unused"),
-                  # eps well above float noise (see test_train): Adam must not amplify rounding.
+    fields = dict(# eps well above float noise (see test_train): Adam must not amplify rounding.
                   optim=OptimConfig(learning_rate=1e-3, warmup_steps=0, schedule="constant",
                                     eps=1e-5),
                   rollout_batch_size=16, max_prompt_len=8, max_new_tokens=8, ppo_epochs=2,
@@ -56,10 +55,9 @@ class Harness:
         policy, value = Transformer(model_cfg), Transformer(model_cfg, head="scalar")
         self.models = rollout.RolloutModels(policy=policy, value=value, reward=value,
                                             score_fn=score_fn)
-        self.rollout_cfg = cfg.rollout_config(eos_id=EOS, pad_id=PAD)
-        self.tx, schedule = ppo.make_optimizer(cfg)
-        self.abstract, self.shardings = rl_state.abstract_ppo_state(
-            policy, value, self.tx, mesh, cfg.init_kl_coef)
+        self.program = build_rl_program(cfg, self.models, mesh, eos_id=EOS, pad_id=PAD)
+        self.rollout_cfg = self.program.rollout_cfg
+        self.abstract, self.shardings = self.program.abstract_state, self.program.state_shardings
         if host_params is None:  # initialise into this mesh's shards
             self.lm_params = state_lib.init_params_sharded(policy, mesh, 2,
                                                            jax.random.key(seed))[0]
@@ -69,12 +67,7 @@ class Harness:
             self.lm_params = jax.device_put(host_params[0], self.shardings.params)
             self.rm_params = jax.device_put(host_params[1], self.shardings.value_params)
         self.frozen = {"reference": self._lm(), "reward": self._rm()}
-        self.iteration = ppo.make_ppo_iteration(
-            cfg, models=self.models, rollout_cfg=self.rollout_cfg, tx=self.tx,
-            schedule=schedule, mesh=mesh, state_shardings=self.shardings,
-            frozen_shardings={"reference": self.shardings.params,
-                              "reward": self.shardings.value_params},
-            compiler_options=FAST_COMPILE)
+        self.iteration = self.program.iteration(compiler_options=FAST_COMPILE)
 
     # Fresh buffers on each call: the state is donated every iteration, the frozen params not.
     def _lm(self):
@@ -84,8 +77,7 @@ class Harness:
         return jax.tree.map(jnp.copy, self.rm_params)
 
     def init_state(self):
-        return rl_state.init_ppo_state(self._lm(), self._rm(), self.tx, self.shardings,
-                                       self.mesh, self.cfg.init_kl_coef)
+        return self.program.init_state(self._lm(), self._rm())
 
     def step(self, state, batch, base_rng):
         return self.iteration(state, self.frozen, parallel.global_batch(batch, self.mesh),
@@ -302,7 +294,7 @@ def test_resume_in_process_is_exact(toy, world_data, tmp_path):
 
 def _ppo_cmd(workdir, data_dir, sft, rm, *extra):
     return [sys.executable, "-m", "experiments.rl", f"--workdir={workdir}",
-            f"--data_dir={data_dir}", f"--policy_from={sft}", f"--reward_from={rm}",
+            f"--data_dir={data_dir}", f"--init_from={sft}", f"--reward_from={rm}",
             "--world_pretrain_docs=150", "--world_sft_train=50", "--world_eval=20",
             "--world_prompts=40", "--iterations=6", "--rollout_batch_size=8",
             "--max_prompt_len=16", "--max_new_tokens=6", "--ppo_epochs=2", "--num_minibatches=2",

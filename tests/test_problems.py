@@ -228,7 +228,7 @@ def test_samples_from_a_checkpoint_end_to_end(tmp_path):
     long_prompt = dict(CUSTOM[1], task_id="T/long", prompt="# " + "word " * 400 + "\n")
     problems = _write(tmp_path / "p.jsonl", CUSTOM + [long_prompt])
     out = tmp_path / "out"
-    result = _passk(f"--checkpoint={workdir}", f"--problems={problems}", "--n_samples=3",
+    result = _passk(f"--policy_from={workdir}", f"--problems={problems}", "--n_samples=3",
                     "--temperatures=0.2,0.8", "--max_new_tokens=16", "--k=1,2,5",
                     "--timeout_s=5", "--workers=2", f"--out={out}", timeout=300)
     assert result.returncode == 0, result.stderr

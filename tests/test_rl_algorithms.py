@@ -10,7 +10,8 @@ from instructjax import parallel
 from instructjax.config import ConfigError, OptimConfig
 from instructjax.model.config import preset
 from instructjax.model.transformer import Transformer
-from instructjax.rlhf import ppo, rl_state, rollout
+from instructjax.rlhf import rl_state, rollout
+from instructjax.rlhf.rl_program import build_rl_program
 from instructjax.train import state as state_lib
 
 from test_ppo import (EOS, FAST_COMPILE, PAD, ppo_config, random_batch,  # noqa: F401
@@ -27,24 +28,18 @@ class ValueFreeHarness:
         policy, reward = Transformer(MODEL), Transformer(MODEL, head="scalar")
         self.models = rollout.RolloutModels(policy=policy, value=None, reward=reward,
                                             score_fn=score_fn)
-        self.tx, schedule = ppo.make_optimizer(cfg)
-        self.abstract, self.shardings = rl_state.abstract_ppo_state(
-            policy, None, self.tx, mesh, cfg.init_kl_coef)
+        self.program = build_rl_program(cfg, self.models, mesh, eos_id=EOS, pad_id=PAD)
+        self.abstract, self.shardings = self.program.abstract_state, self.program.state_shardings
         self.lm_params = state_lib.init_params_sharded(policy, mesh, 2, jax.random.key(seed))[0]
-        reward_abstract, reward_shardings = state_lib.abstract_params(reward, mesh)
         # Fresh buffers: the state is donated every iteration, the frozen params not.
         self.frozen = {"reference": jax.tree.map(jnp.copy, self.lm_params),
                        "reward": rl_state.init_scalar_from_lm(
-                           self.lm_params, reward_abstract, jax.random.key(seed + 1))}
-        self.iteration = ppo.make_ppo_iteration(
-            cfg, models=self.models, rollout_cfg=cfg.rollout_config(eos_id=EOS, pad_id=PAD),
-            tx=self.tx, schedule=schedule, mesh=mesh, state_shardings=self.shardings,
-            frozen_shardings={"reference": self.shardings.params, "reward": reward_shardings},
-            compiler_options=FAST_COMPILE)
+                           self.lm_params, self.program.abstract_frozen["reward"],
+                           jax.random.key(seed + 1))}
+        self.iteration = self.program.iteration(compiler_options=FAST_COMPILE)
 
     def init_state(self):
-        return rl_state.init_ppo_state(jax.tree.map(jnp.copy, self.lm_params), {}, self.tx,
-                                       self.shardings, self.mesh, self.cfg.init_kl_coef)
+        return self.program.init_state(jax.tree.map(jnp.copy, self.lm_params), {})
 
 
 def _group_reference(reward, G, how):

@@ -131,22 +131,16 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_init_from_with_another_model_is_a_clear_error(tmp_path):
     import dataclasses
     import json
-    from instructjax.config import ConfigError, DataConfig, RunConfig
-    from instructjax.train.run import check_init_from_model
+    from instructjax.config import ConfigError
+    from instructjax.train.workdir import check_init_from_model
     earlier = tmp_path / "sft"
     earlier.mkdir()
     (earlier / "model_config.json").write_text(
         json.dumps(dataclasses.asdict(preset("tiny", vocab_size=512))))
 
-    def cfg(model):
-        return RunConfig(task="sft", workdir=str(tmp_path / "w"), init_from=str(earlier),
-                         model=model, optim=OptimConfig(learning_rate=1e-3),
-                         train=TrainConfig(steps=1, batch_size=8, seq_len=64),
-                         data=DataConfig(data_dir=str(tmp_path / "d")))
-
-    check_init_from_model(cfg(preset("tiny", vocab_size=512, compute_dtype="bfloat16")))
+    check_init_from_model(preset("tiny", vocab_size=512, compute_dtype="bfloat16"), earlier)
     with pytest.raises(ConfigError, match=r"vocab_size=2048 \(theirs 512\), d_model=128 \(theirs 64\)"):
-        check_init_from_model(cfg(preset("demo", max_len=128)))
+        check_init_from_model(preset("demo", max_len=128), earlier)
 
 
 def test_the_tokenizer_and_the_model_agree_on_the_vocabulary(tmp_path):

@@ -1,5 +1,6 @@
 """The workdir contract: one run at a time per workdir, a record that says how the run
 ended, "finished" only at the last step, and pipelines that pass a stop on to their stage."""
+import dataclasses
 import json
 import os
 import signal
@@ -209,3 +210,25 @@ def test_a_stopped_stage_is_run_again_and_a_finished_one_skipped(tmp_path, monke
     done.write_text("{}")
     assert stages.run_stage("sft", "experiments.sft", str(flagfile), done, [])  # finished
     assert len(calls) == 2
+
+
+def test_a_setting_added_since_the_run_started_counts_as_its_default(tmp_path):
+    # An RL run recorded before --algorithm and --group_size existed resumes as PPO; asking
+    # it for another algorithm is a change of what is trained.
+    from instructjax.config import OptimConfig
+    from instructjax.rlhf.ppo import PPOConfig
+    cfg = PPOConfig(optim=OptimConfig(learning_rate=1e-5), workdir=str(tmp_path),
+                    policy_from="sft", reward_from="rm")
+    with wd.open_run(tmp_path, cfg, [], total_steps=10):
+        pass
+    record = _record(tmp_path)
+    for name in ("algorithm", "group_size"):
+        del record["config"][name]
+    (tmp_path / wd.RUN_RECORD_FILE).write_text(json.dumps(record))
+    (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+    with wd.open_run(tmp_path, cfg, [], total_steps=10):
+        pass
+    with pytest.raises(wd.ConfigError, match=r"algorithm: 'ppo' -> 'rloo'"):
+        with wd.open_run(tmp_path, dataclasses.replace(cfg, algorithm="rloo", group_size=2), [],
+                         total_steps=10):
+            pass

@@ -24,7 +24,7 @@ ERROR_CHARS = 500  # of a sandbox error message kept in results.jsonl
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SampleConfig:
-    """How completions are drawn from a trained model (--checkpoint)."""
+    """How completions are drawn from a trained model (--policy_from)."""
     checkpoint: str
     n_samples: int
     temperatures: tuple[float, ...]
@@ -49,7 +49,7 @@ class SampleConfig:
             raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}")
         for name in ("model_config.json", "tokenizer.model"):
             if not (Path(self.checkpoint) / name).exists():
-                raise ValueError(f"--checkpoint={self.checkpoint}: no {name}; is it the workdir "
+                raise ValueError(f"--policy_from={self.checkpoint}: no {name}; is it the workdir "
                                  f"of a finished run?")
 
 

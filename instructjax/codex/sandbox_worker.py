@@ -370,8 +370,7 @@ class Worker:
         if sig == signal.SIGXFSZ:
             return "crashed", "file size limit exceeded"
         if sig is not None:
-            name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-            return "crashed", f"candidate killed by {name}"
+            return "crashed", f"candidate killed by {_signal_name(sig)}"
         return "crashed", f"candidate exited with status {code}"
 
     def _judge(self, job, chan, deadline):
@@ -444,3 +443,10 @@ def worker_main():
 
 if __name__ == "__main__":
     worker_main()
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:  # a real-time signal has no name
+        return str(sig)

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from instructjax import parallel
+from instructjax.config import ConfigError, DataConfig
 from instructjax.data.comparisons import read_comparisons
 from instructjax.data.jsonl import read_jsonl
 
@@ -148,3 +149,23 @@ def jsonl_data_source(files: Files, *, kind: str,
     parallel.process_zero_first(lambda: builder.download_and_prepare(file_format="array_record"),
                                 str(builder_dir))
     return {split: DecodedSource(builder.as_data_source(split=split)) for split in files}
+
+
+def world_files(data: DataConfig) -> dict[str, Path]:
+    """The embedded world's JSONL files, generated once (deterministically) into data_dir."""
+    from instructjax.data import world
+    return parallel.process_zero_first(lambda: world.write_world(
+        data.data_dir, seed=data.world_seed, n_pretrain_docs=data.world_pretrain_docs,
+        n_sft_train=data.world_sft_train, n_sft_eval=data.world_eval,
+        n_prompts=data.world_prompts), f"world in {data.data_dir}")
+
+
+def comparison_files(data_dir: str | Path) -> dict[str, str]:
+    """The comparisons stage's files in data_dir (reward model and DPO)."""
+    data_dir = Path(data_dir)
+    out = {split: data_dir / f"comparisons_{split}.jsonl" for split in ("train", "eval")}
+    for path in out.values():
+        if not path.exists():
+            raise ConfigError(f"{path} not found: run experiments.comparisons with "
+                              f"--data_dir={data_dir} first, or pass --train_files/--eval_files")
+    return {k: str(v) for k, v in out.items()}

@@ -1,6 +1,6 @@
 """Reward from execution feedback: each sampled completion of a code problem runs against
 the problem's unit tests in the sandbox (codex/sandbox.py), on the host, between the two
-jitted halves of the RL iteration (ppo.make_host_scored_iteration).
+jitted halves of the RL iteration (rl_program.RLProgram.host_scored).
 
 The prompt file is a problem file (HumanEval format: task_id, prompt, test, entry_point);
 each rollout row carries its prompt's line in it. A completion is cut before its EOS and at

@@ -30,22 +30,22 @@ value_model_config.json (`ppo_run.load_value_model`). The run itself is in ppo_r
 
 The reference and reward params are frozen, sharded by the same logical rules and passed to
 the jitted iteration as ARGUMENTS (never closed-over constants). Rewards computed on the
-host (execution feedback) split the iteration in two jitted halves around them
-(`make_host_scored_iteration`).
+host (execution feedback) split the iteration in two jitted halves around them. The
+jitted program is assembled in one place, rl_program.build_rl_program; this module holds
+its configuration and the update.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from instructjax import parallel, rl_ops
+from instructjax import parallel
 from instructjax.config import ConfigError, DataConfig, OptimConfig, TrainConfig
 from instructjax.losses import LMLossConfig, Objective
 from instructjax.rl_losses import (GRPOLossConfig, PolicyValueApply, PPOLossConfig,
@@ -54,8 +54,6 @@ from instructjax.model.config import ModelConfig
 from instructjax.rlhf import rollout as rollout_lib
 from instructjax.rlhf.algorithms import ALGORITHMS, Algorithm
 from instructjax.rlhf.execution_reward import ExecutionRewardConfig
-from instructjax.rlhf.rl_state import PPOState
-from instructjax.train import state as state_lib
 from instructjax.train.step import accumulate_gradients
 
 VALUE_MODEL_CONFIG_FILE = "value_model_config.json"
@@ -73,11 +71,12 @@ class PPOConfig:
     pretraining loss on ptx_batch_size rows of ptx_seq_len tokens per update. `algorithm`
     names an entry of algorithms.ALGORITHMS; each of rollout_batch_size / group_size
     prompts gets group_size responses (GRPO's and RLOO's groups)."""
-    workdir: str
-    policy_from: str                      # SFT workdir (head 'lm')
-    reward_from: str                      # reward-model workdir (head 'scalar')
-    data: DataConfig                      # data_dir, embedded-world settings
     optim: OptimConfig
+    # Run paths: what a run reads and writes (check_run_paths); the program never reads them.
+    workdir: str = ""
+    policy_from: str = ""                 # SFT workdir (head 'lm'): --init_from
+    reward_from: str = ""                 # reward-model workdir (head 'scalar')
+    data: DataConfig | None = None        # data_dir, embedded-world settings
     prompt_file: str = ""                 # '' = the embedded world's prompts_train.jsonl
     ptx_file: str = ""                    # '' = the embedded world's pretrain_train.jsonl
     algorithm: str = "ppo"                # a key of algorithms.ALGORITHMS
@@ -120,7 +119,6 @@ class PPOConfig:
         def require(ok, message):
             if not ok:
                 raise ConfigError(message)
-        require(bool(self.workdir), "--workdir must be set")
         require(self.algorithm in ALGORITHMS, f"--algorithm must be one of "
                 f"{', '.join(ALGORITHMS)}, got {self.algorithm!r}")
         require(self.group_size >= self.algo.min_group_size,
@@ -132,12 +130,9 @@ class PPOConfig:
         require(self.algo.kl_in_reward or self.kl_target is None,
                 f"--algorithm={self.algorithm} keeps beta (--init_kl_coef) fixed in its loss; "
                 "leave --kl_target empty")
-        require(bool(self.policy_from), "--policy_from (the SFT workdir) must be set")
         require(self.reward in ("model", "execution"),
                 f"--reward must be model or execution, got {self.reward!r}")
-        if self.reward == "model":
-            require(bool(self.reward_from), "--reward_from (the reward-model workdir) must be set")
-        else:
+        if self.reward == "execution":
             require(not self.reward_from and bool(self.prompt_file) and not
                     self.algo.uses_value_model, "--reward=execution scores the tests of the "
                     "problems in --prompt_file (HumanEval format), without --reward_from and "
@@ -167,6 +162,16 @@ class PPOConfig:
             self.execution.sandbox_config()
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    def check_run_paths(self) -> None:
+        """A run needs its workdir, the policy it starts from and (model rewards) the
+        reward model; plans, benchmarks and tests build the program without them."""
+        for ok, message in ((self.workdir, "--workdir must be set"),
+                            (self.policy_from, "--init_from (the SFT workdir) must be set"),
+                            (self.reward != "model" or self.reward_from,
+                             "--reward_from (the reward-model workdir) must be set")):
+            if not ok:
+                raise ConfigError(message)
 
     @property
     def algo(self) -> Algorithm:
@@ -287,120 +292,3 @@ def ppo_update(params, opt_state, ppo_batch, ptx_batch, rng, *, cfg: PPOConfig,
     (params, opt_state), metrics_U = jax.lax.scan(update, (params, opt_state), xs)
     metrics = {k: (jnp.sum(s), jnp.sum(w)) for k, (s, w) in metrics_U.items()}
     return params, opt_state, metrics
-
-
-def make_ppo_iteration(cfg: PPOConfig, *, models: rollout_lib.RolloutModels,
-                       rollout_cfg: rollout_lib.RolloutConfig, tx: optax.GradientTransformation,
-                       schedule: optax.Schedule, mesh: Mesh, state_shardings, frozen_shardings,
-                       compiler_options: dict[str, Any] | None = None,
-                       return_responses: bool = False):
-    """(state, frozen, batch, base_rng) -> (state, metrics), one RL iteration, jitted with
-    explicit shardings and the state donated. frozen = {'reference', 'reward'} params; batch
-    = a PPOInputs dict after parallel.global_batch. metrics: name -> (sum, weight).
-    compiler_options go to XLA for this program (tests lower the optimisation level).
-    return_responses: also return the rollout's responses, (state, metrics, responses) with
-    responses = {tokens_BxN, lengths_B (incl. EOS), ended_B} sharded like the batch (for
-    host-side scoring, e.g. the gold reward of the over-optimisation frontier)."""
-    learn = _learner(cfg, models, tx, schedule, mesh)
-
-    def iteration(state: PPOState, frozen, batch, base_rng):
-        rng = jax.random.fold_in(base_rng, state.step)
-        ppo_batch, stats = rollout_lib.rollout(
-            state.trainable, frozen, batch["prompt_tokens"], batch["prompt_mask"],
-            jax.random.fold_in(rng, 0), state.kl["beta"], models=models, cfg=rollout_cfg)
-        new_state, metrics = learn(state, batch, rng, ppo_batch, stats)
-        if not return_responses:
-            return new_state, metrics
-        P = batch["prompt_tokens"].shape[1]
-        responses = {"tokens_BxN": ppo_batch["tokens_BxT"][:, P:],
-                     "lengths_B": stats["lengths_B"].astype(jnp.int32),
-                     "ended_B": stats["ended_B"]}
-        return new_state, metrics, responses
-
-    rep, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    out_shardings = (state_shardings, rep) + ((batch_sharding,) if return_responses else ())
-    return parallel.ShardedJit(
-        iteration, mesh,
-        in_shardings=(state_shardings, frozen_shardings, batch_sharding, rep),
-        out_shardings=out_shardings, donate_argnums=(0,),
-        compiler_options=compiler_options)
-
-
-def make_host_scored_iteration(cfg: PPOConfig, *, models: rollout_lib.RolloutModels,
-                               rollout_cfg: rollout_lib.RolloutConfig,
-                               tx: optax.GradientTransformation, schedule: optax.Schedule,
-                               mesh: Mesh, state_shardings, reference_shardings,
-                               compiler_options: dict[str, Any] | None = None):
-    """The same iteration in two jitted halves, for rewards computed on the host between
-    them (execution feedback: rlhf/execution_reward.py):
-
-      sample(state, batch, base_rng) -> responses {tokens_BxN, mask_BxN, ended_B, logprobs_BxN}
-      learn(state, reference, batch, responses, score_B, base_rng) -> (state, metrics)
-
-    learn scores `responses` (whose mask and ended flags the host may have cut, e.g. at a
-    stop sequence) with the host's score_B and updates; models.score_fn must return its
-    reward params, which is what score_B is passed as. Same random streams as the one-piece
-    iteration; the state is donated to learn only."""
-    learn = _learner(cfg, models, tx, schedule, mesh)
-
-    def sample_phase(state: PPOState, batch, base_rng):
-        rng = jax.random.fold_in(base_rng, state.step)
-        _, _, out = rollout_lib.sample_responses(
-            state.params, batch["prompt_tokens"], batch["prompt_mask"],
-            jax.random.fold_in(rng, 0), models=models, cfg=rollout_cfg)
-        return {k: out[k] for k in ("tokens_BxN", "mask_BxN", "ended_B", "logprobs_BxN")}
-
-    def learn_phase(state: PPOState, reference, batch, responses, score_B, base_rng):
-        rng = jax.random.fold_in(base_rng, state.step)
-        prompt_BxP, prompt_mask_BxP = rollout_lib.repeat_groups(
-            batch["prompt_tokens"], batch["prompt_mask"], cfg.group_size)
-        ppo_batch, stats = rollout_lib.score_rollout(
-            state.trainable, {"reference": reference, "reward": score_B}, prompt_BxP,
-            prompt_mask_BxP, responses["tokens_BxN"], responses["mask_BxN"],
-            responses["ended_B"], state.kl["beta"], models=models, cfg=rollout_cfg)
-        stats["sampler_logprobs_BxN"] = responses["logprobs_BxN"]
-        return learn(state, batch, rng, ppo_batch, stats)
-
-    rep, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    sample_fn = parallel.ShardedJit(
-        sample_phase, mesh, in_shardings=(state_shardings, batch_sharding, rep),
-        out_shardings=batch_sharding, compiler_options=compiler_options)
-    learn_fn = parallel.ShardedJit(
-        learn_phase, mesh, in_shardings=(state_shardings, reference_shardings, batch_sharding,
-                                         batch_sharding, batch_sharding, rep),
-        out_shardings=(state_shardings, rep), donate_argnums=(0,),
-        compiler_options=compiler_options)
-    return sample_fn, learn_fn
-
-
-def _learner(cfg: PPOConfig, models: rollout_lib.RolloutModels, tx, schedule, mesh: Mesh):
-    """(state, batch, rng, ppo_batch, stats) -> (state, metrics): the update after a
-    rollout, its metrics and the KL controller's step."""
-    apply = PolicyValueApply.from_models(models.policy, models.value)
-
-    def learn(state: PPOState, batch, rng, ppo_batch, stats):
-        beta = state.kl["beta"]
-        ptx = {k: batch[f"ptx_{k}"] for k in PTX_KEYS} if cfg.use_ptx else None
-        params, opt_state, metrics = ppo_update(
-            state.trainable, state.opt_state, ppo_batch, ptx, jax.random.fold_in(rng, 1),
-            cfg=cfg, apply=apply, tx=tx, mesh=mesh)
-        metrics.update(rollout_lib.rollout_metrics(stats, beta, cfg.algo.kl_in_reward))
-        one = jnp.ones((), jnp.float32)
-        metrics["learning_rate"] = (jnp.asarray(schedule(state.step * cfg.num_updates),
-                                                jnp.float32), one)
-        metrics["param_norm"] = (optax.tree.norm(params["policy"]), one)
-        metrics["tokens"] = (jnp.sum(stats["lengths_B"]), one)  # generated tokens
-        kl = rl_ops.kl_controller_update(state.kl, jnp.mean(stats["kl_B"]),
-                                         ppo_batch["tokens_BxT"].shape[0],
-                                         target=cfg.kl_target, horizon=cfg.kl_horizon)
-        return PPOState(step=state.step + 1, params=params["policy"],
-                        value_params=params["value"], opt_state=opt_state, kl=kl), metrics
-
-    return learn
-
-
-def make_optimizer(cfg: PPOConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """One optimiser over {'policy', 'value'}; the schedule counts optimiser updates
-    (iterations * ppo_epochs * num_minibatches)."""
-    total = cfg.iterations * cfg.num_updates
-    return state_lib.make_optimizer(cfg.optim, total), state_lib.make_schedule(cfg.optim, total)

@@ -24,10 +24,9 @@ from instructjax.model.config import ModelConfig
 from instructjax.model.transformer import Transformer
 from instructjax.rlhf import rl_inputs, rollout as rollout_lib
 from instructjax.rlhf.execution_reward import ExecutionReward, given_score
-from instructjax.rlhf.ppo import (VALUE_MODEL_CONFIG_FILE, PPOConfig, make_host_scored_iteration,
-                                  make_optimizer, make_ppo_iteration, rl_model_config)
-from instructjax.rlhf.rl_state import abstract_ppo_state, init_ppo_state
-from instructjax.train import checkpoint as ckpt_lib, loop, state as state_lib
+from instructjax.rlhf.ppo import VALUE_MODEL_CONFIG_FILE, PPOConfig, rl_model_config
+from instructjax.rlhf.rl_program import build_rl_program
+from instructjax.train import checkpoint as ckpt_lib, stage as stage_lib, state as state_lib
 from instructjax.train import workdir as wd
 from instructjax.train.metrics import MetricsWriter
 
@@ -130,7 +129,7 @@ def _check_sizes(cfg: PPOConfig, mesh: Mesh, policy_cfg: ModelConfig,
         if rows % dp:
             logging.warning("the %s of %d rows does not divide over the data-parallel size %d: "
                             "every device computes all of its rows", what, rows, dp)
-    for name, mcfg in (("--policy_from", policy_cfg), ("--reward_from", value_cfg)):
+    for name, mcfg in (("--init_from", policy_cfg), ("--reward_from", value_cfg)):
         if mcfg is None:  # no reward model
             continue
         if cfg.seq_len > mcfg.max_len:
@@ -145,17 +144,18 @@ def _check_sizes(cfg: PPOConfig, mesh: Mesh, policy_cfg: ModelConfig,
 
 
 def _same_tokenizer(cfg: PPOConfig) -> None:
-    mine = wd.tokenizer_of(cfg.policy_from, "--policy_from")
+    mine = wd.tokenizer_of(cfg.policy_from, "--init_from")
     theirs = wd.tokenizer_of(cfg.reward_from, "--reward_from")
     if mine.read_bytes() != theirs.read_bytes():
-        raise ConfigError(f"--policy_from and --reward_from use different tokenizers ({mine} vs "
+        raise ConfigError(f"--init_from and --reward_from use different tokenizers ({mine} vs "
                           f"{theirs}); the reward model must read the policy's tokens")
 
 
 def train_ppo(cfg: PPOConfig, argv: list[str] = ()) -> dict[str, float]:
     """Runs (or resumes) an RL run (PPO / PPO-ptx / GRPO / RLOO, reward from a reward model
     or from execution); returns the last iteration's metrics."""
-    wd.require_role(cfg.policy_from, "lm", "--policy_from")
+    cfg.check_run_paths()
+    wd.require_role(cfg.policy_from, "lm", "--init_from")
     policy_cfg = wd.load_model_config(cfg.policy_from)
     value_cfg, extra = None, {}
     if cfg.reward == "model":
@@ -174,12 +174,22 @@ def train_ppo(cfg: PPOConfig, argv: list[str] = ()) -> dict[str, float]:
         files[VALUE_MODEL_CONFIG_FILE] = dataclasses.asdict(value_cfg)
     with wd.open_run(cfg.workdir, cfg, argv, total_steps=cfg.iterations, files=files,
                      allow_config_change=cfg.allow_config_change, record_extra=extra) as run:
-        wd.copy_tokenizer(cfg.policy_from, cfg.workdir, "--policy_from")
+        wd.copy_tokenizer(cfg.policy_from, cfg.workdir, "--init_from")
         return _train(cfg, run, mesh, tokenizer, policy_cfg, value_cfg)
 
 
 def _train(cfg: PPOConfig, run: wd.Run, mesh: Mesh, tokenizer: Tokenizer,
            policy_cfg: ModelConfig, value_cfg: ModelConfig | None) -> dict[str, float]:
+    with contextlib.ExitStack() as resources:  # the sandbox's workers, for execution rewards
+        stage = rl_stage(cfg, mesh, tokenizer, policy_cfg, value_cfg, resources)
+        return stage_lib.run_stage(run, stage, loop_cfg=cfg.loop_config(), mesh=mesh)
+
+
+def rl_stage(cfg: PPOConfig, mesh: Mesh, tokenizer: Tokenizer, policy_cfg: ModelConfig,
+             value_cfg: ModelConfig | None, resources: contextlib.ExitStack) -> stage_lib.Stage:
+    """The parts of an RL run: the frozen reference (and reward model), the program of
+    rl_program.py (one jitted iteration, or two halves around the sandbox), and the last
+    iteration's metrics as the final record."""
     inputs = rl_inputs.make_inputs(cfg, tokenizer)
     policy = Transformer(rl_model_config(policy_cfg, compute_dtype=cfg.compute_dtype,
                                          remat=cfg.remat))
@@ -193,62 +203,46 @@ def _train(cfg: PPOConfig, run: wd.Run, mesh: Mesh, tokenizer: Tokenizer,
                                         score_fn=given_score))
     # Never sample an id the tokenizer cannot decode (a model sized above its tokenizer).
     limit = tokenizer.vocab_size if tokenizer.vocab_size < policy_cfg.vocab_size else 0
-    rollout_cfg = cfg.rollout_config(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                                     vocab_limit=limit)
-    tx, schedule = make_optimizer(cfg)
-    abstract, shardings = abstract_ppo_state(policy, value, tx, mesh, cfg.init_kl_coef)
+    program = build_rl_program(cfg, models, mesh, eos_id=tokenizer.eos_id,
+                               pad_id=tokenizer.pad_id, vocab_limit=limit)
     # Each restore makes new buffers: the donated state never aliases the frozen params.
-    frozen = {"reference": ckpt_lib.restore_params(cfg.policy_from, abstract.params)}
-    frozen_shardings = {"reference": shardings.params}
-    if scalar is not None:
-        reward_abstract, frozen_shardings["reward"] = state_lib.abstract_params(scalar, mesh)
-        frozen["reward"] = ckpt_lib.restore_params(cfg.reward_from, reward_abstract)
+    frozen = {name: ckpt_lib.restore_params(source, program.abstract_frozen[name])
+              for name, source in (("reference", cfg.policy_from), ("reward", cfg.reward_from))
+              if name in program.abstract_frozen}
 
-    def fresh_state():
+    def fresh_state(init_key):
         logging.info("starting %s from policy %s, reward: %s", cfg.algorithm, cfg.policy_from,
                      f"{cfg.reward_from} (read: {models.reward_read})" if scalar is not None
                      else f"execution of {cfg.prompt_file}")
-        value_params = (ckpt_lib.restore_params(cfg.reward_from, reward_abstract)
+        value_params = (ckpt_lib.restore_params(cfg.reward_from, program.abstract_frozen["reward"])
                         if value is not None else {})
-        return init_ppo_state(ckpt_lib.restore_params(cfg.policy_from, abstract.params),
-                              value_params, tx, shardings, mesh, cfg.init_kl_coef)
+        return program.init_state(
+            ckpt_lib.restore_params(cfg.policy_from, program.abstract_state.params), value_params)
 
-    checkpointer = ckpt_lib.Checkpointer(Path(cfg.workdir) / "checkpoints",
-                                         keep=cfg.keep_checkpoints)
-    state = loop.resume_or_init(checkpointer, abstract, fresh_state, inputs)
     last: dict[str, Any] = {}
-    writer = PPOMetricsWriter(cfg.workdir, total_steps=cfg.iterations)
-    seed_key = jax.random.key(cfg.seed)
-    with contextlib.ExitStack() as stack:
-        stack.callback(checkpointer.close)
-        stack.callback(writer.close)
-        if scalar is not None:
-            iteration = make_ppo_iteration(
-                cfg, models=models, rollout_cfg=rollout_cfg, tx=tx, schedule=schedule,
-                mesh=mesh, state_shardings=shardings, frozen_shardings=frozen_shardings,
-                return_responses=True)
-            gold = GoldRollouts(inputs.prompt_file, tokenizer)
+    if scalar is not None:
+        iteration = program.iteration(return_responses=True)
+        gold = GoldRollouts(inputs.prompt_file, tokenizer)
 
-            def train_step(state, batch, base_rng):
-                state, metrics, responses = iteration(state, frozen, batch, base_rng)
-                metrics = dict(metrics, **gold.metrics(batch["prompt_line"], responses,
-                                                       cfg.group_size))
-                last["metrics"] = metrics
-                return state, metrics
-        else:
-            scorer = stack.enter_context(ExecutionReward(inputs.prompt_file, tokenizer,
+        def train_step(state, batch, base_rng):
+            state, metrics, responses = iteration(state, frozen, batch, base_rng)
+            metrics = dict(metrics, **gold.metrics(batch["prompt_line"], responses,
+                                                   cfg.group_size))
+            last["metrics"] = metrics
+            return state, metrics
+    else:
+        scorer = resources.enter_context(ExecutionReward(inputs.prompt_file, tokenizer,
                                                          cfg.execution))
-            phases = make_host_scored_iteration(
-                cfg, models=models, rollout_cfg=rollout_cfg, tx=tx, schedule=schedule,
-                mesh=mesh, state_shardings=shardings, reference_shardings=shardings.params)
-            train_step = _host_scored_step(cfg, mesh, scorer, frozen["reference"], last, phases)
-        state = loop.train_loop(state, cfg=cfg.loop_config(), train_step=train_step,
-                                base_rng=jax.random.fold_in(seed_key, 2), data_iter=inputs,
-                                mesh=mesh, checkpointer=checkpointer, writer=writer)
-    final = {f"train/{k}": v for k, v in
-             reduce_metrics(jax.device_get(last.get("metrics", {}))).items()}
-    run.finish(int(state.step), final)
-    return final
+        train_step = _host_scored_step(cfg, mesh, scorer, frozen["reference"], last,
+                                       program.host_scored())
+
+    def final_metrics(state):
+        return {f"train/{k}": v for k, v in
+                reduce_metrics(jax.device_get(last.get("metrics", {}))).items()}
+
+    return stage_lib.Stage(abstract_state=program.abstract_state, fresh_state=fresh_state,
+                           data_iter=inputs, train_step=train_step, writer=PPOMetricsWriter,
+                           final_metrics=final_metrics)
 
 
 def _host_scored_step(cfg: PPOConfig, mesh: Mesh, scorer: ExecutionReward, reference, last,

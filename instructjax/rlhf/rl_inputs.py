@@ -10,6 +10,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from instructjax.config import ConfigError
 from instructjax.data import builders, pipeline, shards
 from instructjax.data.jsonl import DataError
 from instructjax.data.tokenizer import Tokenizer
@@ -107,8 +108,10 @@ def _input_files(cfg) -> tuple[str, str]:
     """(prompt JSONL, pretraining JSONL): the flags, else the embedded world's files."""
     prompt_file, ptx_file = cfg.prompt_file, cfg.ptx_file
     if not prompt_file or (cfg.use_ptx and not ptx_file):
-        from instructjax.train.run import world_files
-        files = world_files(cfg.data)
+        if cfg.data is None:
+            raise ConfigError("the embedded world's prompts and pretraining text need "
+                              "--data_dir (or pass --prompt_file / --ptx_file)")
+        files = builders.world_files(cfg.data)
         prompt_file = prompt_file or str(files["prompts_train"])
         ptx_file = ptx_file or str(files["pretrain_train"])
     return prompt_file, ptx_file

@@ -22,9 +22,8 @@ from instructjax.model import hf
 from instructjax.model.config import ModelConfig
 from instructjax.model.transformer import Transformer
 from instructjax.train import checkpoint as ckpt_lib, state as state_lib
-from instructjax.train.run import RUNTIME_FIELDS
-from instructjax.train.workdir import (MODEL_CONFIG_FILE, TOKENIZER_FILE, library_versions,
-                                       load_model_config)
+from instructjax.train.workdir import (MODEL_CONFIG_FILE, RUNTIME_FIELDS, TOKENIZER_FILE,
+                                       library_versions, load_model_config)
 
 DIRECTIONS = ("ours", "hf")
 MODEL_FLAGS_FILE = "model.flags"

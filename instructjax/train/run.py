@@ -17,7 +17,7 @@ import jax
 from absl import logging
 
 from instructjax import parallel
-from instructjax.config import ConfigError, DataConfig, RunConfig
+from instructjax.config import ConfigError, RunConfig
 from instructjax.data import builders, comparison_packing, pipeline, shards
 from instructjax.data.jsonl import DataError, atomic_output, read_jsonl
 from instructjax.data.tokenizer import Tokenizer, train_tokenizer
@@ -25,8 +25,8 @@ from instructjax.losses import (LMLossConfig, Objective, RankingLossConfig, lm_l
                                 reward_ranking_loss)
 from instructjax.model.transformer import Transformer
 from instructjax.train import checkpoint as ckpt_lib
-from instructjax.train import loop, state as state_lib, step as step_lib, workdir as wd
-from instructjax.train.metrics import MetricSums, MetricsWriter
+from instructjax.train import stage as stage_lib, state as state_lib, step as step_lib
+from instructjax.train import workdir as wd
 
 
 def check_reward_read(cfg: RunConfig) -> None:
@@ -39,34 +39,14 @@ def check_reward_read(cfg: RunConfig) -> None:
                           f"--rm_read={recorded}; use that or a new --workdir")
 
 
-def world_files(data: DataConfig) -> dict[str, Path]:
-    """The embedded world's JSONL files, generated once (deterministically) into data_dir."""
-    from instructjax.data import world
-    return parallel.process_zero_first(lambda: world.write_world(
-        data.data_dir, seed=data.world_seed, n_pretrain_docs=data.world_pretrain_docs,
-        n_sft_train=data.world_sft_train, n_sft_eval=data.world_eval,
-        n_prompts=data.world_prompts), f"world in {data.data_dir}")
-
-
-def comparison_files(data_dir: str | Path) -> dict[str, str]:
-    """The comparisons stage's files in data_dir (reward model and DPO)."""
-    data_dir = Path(data_dir)
-    out = {split: data_dir / f"comparisons_{split}.jsonl" for split in ("train", "eval")}
-    for path in out.values():
-        if not path.exists():
-            raise ConfigError(f"{path} not found: run experiments.comparisons with "
-                              f"--data_dir={data_dir} first, or pass --train_files/--eval_files")
-    return {k: str(v) for k, v in out.items()}
-
-
 def dataset_files(cfg: RunConfig) -> builders.Files:
     """{'train': path(s), 'eval': path(s)} for this task, from flags (each split one or more
     files, read in order) or the embedded world."""
     if cfg.data.train_files:
         return {"train": cfg.data.train_files, "eval": cfg.data.eval_files}
     if cfg.task == "reward":
-        return comparison_files(cfg.data.data_dir)
-    files = world_files(cfg.data)
+        return builders.comparison_files(cfg.data.data_dir)
+    files = builders.world_files(cfg.data)
     prefix = "pretrain" if cfg.task == "pretrain" else "sft"
     return {"train": str(files[f"{prefix}_train"]), "eval": str(files[f"{prefix}_eval"])}
 
@@ -122,7 +102,7 @@ SCALAR_HEAD = "scalar_head"
 NORMALISE_BATCHES = 16
 
 
-def _normalise_reward(state, evaluate, sft_outputs, checkpointer, data_iter):
+def _normalise_reward(state, checkpointer, *, evaluate, sft_outputs, data_iter):
     """Sets the scalar head's bias so the SFT policy's outputs (the responses of the
     training comparisons) score 0 on average, and saves that as the final checkpoint.
     Exact for every read (rl_ops.read_reward): each is affine in the per-token values with
@@ -182,21 +162,6 @@ def _datasets(cfg: RunConfig, tokenizer: Tokenizer, files: dict[str, str]):
     return train_iter, eval_batches, None
 
 
-RUNTIME_FIELDS = ("compute_dtype", "remat", "dropout_rate")  # may differ from --init_from's
-
-
-def check_init_from_model(cfg: RunConfig) -> None:
-    """The model built from --model/--model_override must be the one --init_from trained."""
-    theirs = dataclasses.asdict(wd.load_model_config(cfg.init_from))
-    ours = dataclasses.asdict(cfg.model)
-    differ = [f"{k}={ours[k]} (theirs {theirs.get(k)})" for k in ours
-              if k not in RUNTIME_FIELDS and ours[k] != theirs.get(k)]
-    if differ:
-        raise ConfigError(f"the model of --model/--model_override/--vocab_size differs from the "
-                          f"--init_from={cfg.init_from} model in {', '.join(differ)}: set those "
-                          f"flags to match {Path(cfg.init_from) / wd.MODEL_CONFIG_FILE}")
-
-
 def run_files(cfg: RunConfig) -> dict[str, dict]:
     """The JSON files of the workdir that describe the trained model."""
     files = {wd.MODEL_CONFIG_FILE: dataclasses.asdict(cfg.model)}
@@ -209,15 +174,10 @@ def train_lm(cfg: RunConfig, argv: list[str] = ()) -> dict[str, float]:
     """Runs (or resumes) pretraining, SFT or reward modelling; returns the final eval metrics."""
     if cfg.init_from:
         wd.require_role(cfg.init_from, "lm", "--init_from")
-        check_init_from_model(cfg)
+        wd.check_init_from_model(cfg.model, cfg.init_from)
     mesh = parallel.make_mesh(cfg.mesh)
-    dp = parallel.data_parallel_size(mesh)
-    if (cfg.train.batch_size // cfg.train.grad_accum_steps) % dp:
-        raise ConfigError(f"the micro-batch ({cfg.train.batch_size} / {cfg.train.grad_accum_steps}"
-                         f" accumulation steps) must be divisible by the data-parallel size {dp} "
-                         f"of --mesh={cfg.mesh}")
-    reward = cfg.task == "reward"
-    if reward:
+    stage_lib.check_micro_batch(cfg.train.batch_size, cfg.train.grad_accum_steps, mesh, cfg.mesh)
+    if cfg.task == "reward":
         check_reward_read(cfg)
     with wd.open_run(cfg.workdir, cfg, argv, total_steps=cfg.train.steps,
                      allow_config_change=cfg.train.allow_config_change,
@@ -227,12 +187,13 @@ def train_lm(cfg: RunConfig, argv: list[str] = ()) -> dict[str, float]:
         if tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                               f"vocab_size is {cfg.model.vocab_size}; raise --vocab_size")
-        return _train(cfg, run, mesh, tokenizer, data_files)
+        return stage_lib.run_stage(run, lm_stage(cfg, mesh, tokenizer, data_files),
+                                   loop_cfg=cfg.train, mesh=mesh)
 
 
-def _train(cfg: RunConfig, run: wd.Run, mesh, tokenizer: Tokenizer, files) -> dict[str, float]:
+def lm_stage(cfg: RunConfig, mesh, tokenizer: Tokenizer, files) -> stage_lib.Stage:
+    """The parts of a pretraining, SFT or reward-model run."""
     reward = cfg.task == "reward"
-
     model = Transformer(cfg.model, head="scalar" if reward else "lm")
     apply = make_apply(model)
     if reward:
@@ -244,13 +205,9 @@ def _train(cfg: RunConfig, run: wd.Run, mesh, tokenizer: Tokenizer, files) -> di
     tx = state_lib.make_optimizer(cfg.optim, cfg.train.steps)
     abstract, shardings = state_lib.abstract_state(model, tx, mesh, cfg.train.seq_len)
     train_iter, eval_batches, sft_outputs = _datasets(cfg, tokenizer, files)
-    checkpointer = ckpt_lib.Checkpointer(Path(cfg.workdir) / "checkpoints",
-                                         keep=cfg.train.keep_checkpoints)
-    seed_key = jax.random.key(cfg.train.seed)
 
-    def fresh_state():
-        state, _ = state_lib.init_state(model, tx, mesh, cfg.train.seq_len,
-                                        jax.random.fold_in(seed_key, 1))
+    def fresh_state(init_key):
+        state, _ = state_lib.init_state(model, tx, mesh, cfg.train.seq_len, init_key)
         if cfg.init_from:
             # A reward model starts from the LM's trunk; its scalar head starts fresh.
             wanted = {k: v for k, v in abstract.params.items() if k != SCALAR_HEAD}
@@ -259,30 +216,14 @@ def _train(cfg: RunConfig, run: wd.Run, mesh, tokenizer: Tokenizer, files) -> di
             logging.info("initialised params from %s", cfg.init_from)
         return state
 
-    state = loop.resume_or_init(checkpointer, abstract, fresh_state, train_iter)
-    train_step = step_lib.make_train_step(objective, apply=apply, tx=tx, schedule=schedule,
-                                          mesh=mesh, state_shardings=shardings,
-                                          grad_accum_steps=cfg.train.grad_accum_steps)
-    eval_step = step_lib.make_eval_step(objective, apply=apply, mesh=mesh,
-                                        params_shardings=shardings.params)
-
-    def evaluate(params, batches=eval_batches) -> dict[str, float]:
-        sums = MetricSums()
-        for batch in batches:
-            sums.add(eval_step(params, parallel.global_batch(batch, mesh)))
-        return sums.means(prefix="eval/")
-
-    writer = MetricsWriter(cfg.workdir, total_steps=cfg.train.steps)
-    try:
-        state = loop.train_loop(
-            state, cfg=cfg.train, train_step=train_step, base_rng=jax.random.fold_in(seed_key, 2),
-            data_iter=train_iter, mesh=mesh, checkpointer=checkpointer, writer=writer,
-            evaluate=evaluate, flops_per_token=cfg.model.flops_per_token(cfg.train.seq_len))
-        if reward:
-            state = _normalise_reward(state, evaluate, sft_outputs, checkpointer, train_iter)
-        final = evaluate(state.params)
-    finally:
-        writer.close()
-        checkpointer.close()
-    run.finish(int(state.step), final)
-    return final
+    evaluate = stage_lib.evaluator(
+        step_lib.make_eval_step(objective, apply=apply, mesh=mesh,
+                                params_shardings=shardings.params), eval_batches, mesh)
+    return stage_lib.Stage(
+        abstract_state=abstract, fresh_state=fresh_state, data_iter=train_iter,
+        train_step=step_lib.make_train_step(objective, apply=apply, tx=tx, schedule=schedule,
+                                            mesh=mesh, state_shardings=shardings,
+                                            grad_accum_steps=cfg.train.grad_accum_steps),
+        evaluate=evaluate, flops_per_token=cfg.model.flops_per_token(cfg.train.seq_len),
+        finish=(functools.partial(_normalise_reward, evaluate=evaluate, sft_outputs=sft_outputs,
+                                  data_iter=train_iter) if reward else None))

@@ -134,6 +134,22 @@ def load_trained(workdir: str | Path, mesh, *, head: str = "lm", flag: str = "--
     return model, params, Tokenizer.load(Path(workdir) / TOKENIZER_FILE)
 
 
+# Model fields a run may set differently from the run it starts from (--init_from).
+RUNTIME_FIELDS = ("compute_dtype", "remat", "dropout_rate")
+
+
+def check_init_from_model(model: ModelConfig, init_from: str | Path) -> None:
+    """The model built from --model/--model_override must be the one --init_from trained."""
+    theirs = dataclasses.asdict(load_model_config(init_from))
+    ours = dataclasses.asdict(model)
+    differ = [f"{k}={ours[k]} (theirs {theirs.get(k)})" for k in ours
+              if k not in RUNTIME_FIELDS and ours[k] != theirs.get(k)]
+    if differ:
+        raise ConfigError(f"the model of --model/--model_override/--vocab_size differs from the "
+                          f"--init_from={init_from} model in {', '.join(differ)}: set those "
+                          f"flags to match {Path(init_from) / MODEL_CONFIG_FILE}")
+
+
 def tokenizer_of(source_workdir: str | Path, flag: str) -> Path:
     """The tokenizer file of an earlier run named by `flag`."""
     source = Path(source_workdir) / TOKENIZER_FILE
@@ -172,11 +188,30 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+def field_defaults(config: Any) -> dict[str, Any]:
+    """{'field' or 'nested.field': default} of a config dataclass, as recorded (JSON)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update({f"{f.name}.{k}": v for k, v in field_defaults(value).items()})
+        elif f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return json.loads(json.dumps(out))
+
+
 def check_resume(workdir: Path, recorded: dict[str, Any], config: dict[str, Any],
-                 allow_change: bool) -> list[str]:
+                 allow_change: bool, defaults: dict[str, Any] | None = None) -> list[str]:
     """Compares a resumed run's config with the recorded one: model or data changes are
-    refused, other changes need allow_change. Returns the accepted changes."""
+    refused, other changes need allow_change. Returns the accepted changes. A setting added
+    to the code after the run started is not in its record: it counts as its default (new
+    settings default to the old behaviour)."""
     old, new = _flatten(recorded), _flatten(config)
+    for key, value in (defaults or {}).items():
+        if key not in old and key in new:
+            old[key] = value
     changed = [k for k in sorted(old.keys() | new.keys())
                if old.get(k) != new.get(k) and k.rsplit(".", 1)[-1] not in FREE_FIELDS]
     show = ", ".join
@@ -261,13 +296,14 @@ def open_run(workdir: str | Path, config: Any, argv: list[str], *, total_steps: 
     workdir = Path(workdir)
     lock = _Lock(workdir)
     try:
+        defaults = field_defaults(config) if dataclasses.is_dataclass(config) else {}
         config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
         config = json.loads(json.dumps(config))  # as recorded (tuples become lists)
         previous = load_record(workdir)
         changes = []
         if previous is not None and has_checkpoints(workdir):
             changes = check_resume(workdir, previous.get("config", {}), config,
-                                   allow_config_change)
+                                   allow_config_change, defaults)
         history = []
         if previous is not None:
             history = previous.pop("history", [])

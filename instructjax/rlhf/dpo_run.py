@@ -25,8 +25,8 @@ from instructjax.data.tokenizer import Tokenizer
 from instructjax.losses import (DPOLossConfig, Objective, dpo_loss, dpo_sequence_logps,
                                 make_apply)
 from instructjax.model.transformer import Transformer
-from instructjax.train import checkpoint as ckpt_lib, loop, state as state_lib, step as step_lib
-from instructjax.train import run as run_lib, workdir as wd
+from instructjax.train import checkpoint as ckpt_lib, stage as stage_lib, state as state_lib
+from instructjax.train import step as step_lib, workdir as wd
 from instructjax.train.metrics import MetricSums, MetricsWriter
 
 
@@ -73,7 +73,7 @@ def comparison_files(cfg: DPOConfig) -> dict:
     files in --data_dir."""
     if cfg.data.train_files:
         return {"train": cfg.data.train_files, "eval": cfg.data.eval_files}
-    return run_lib.comparison_files(cfg.data.data_dir)
+    return builders.comparison_files(cfg.data.data_dir)
 
 
 def make_add_reference(apply, mesh, params_shardings):
@@ -121,11 +121,7 @@ def train_dpo(cfg: DPOConfig, argv: list[str] = ()) -> dict[str, float]:
     """Runs (or resumes) DPO; returns the final held-out metrics (also in final_eval.json)."""
     from instructjax.rlhf.ppo import rl_model_config
     mesh = parallel.make_mesh(cfg.mesh)
-    dp = parallel.data_parallel_size(mesh)
-    if (cfg.train.batch_size // cfg.train.grad_accum_steps) % dp:
-        raise ConfigError(f"the micro-batch ({cfg.train.batch_size} / "
-                          f"{cfg.train.grad_accum_steps} accumulation steps) must be divisible "
-                          f"by the data-parallel size {dp} of --mesh={cfg.mesh}")
+    stage_lib.check_micro_batch(cfg.train.batch_size, cfg.train.grad_accum_steps, mesh, cfg.mesh)
     # Dropout off: the policy's log-probs are compared with the deterministic reference's.
     wd.require_role(cfg.init_from, "lm", "--init_from")
     model_cfg = rl_model_config(wd.load_model_config(cfg.init_from),
@@ -156,11 +152,14 @@ def train_dpo(cfg: DPOConfig, argv: list[str] = ()) -> dict[str, float]:
                      allow_config_change=cfg.train.allow_config_change,
                      files={wd.MODEL_CONFIG_FILE: dataclasses.asdict(model_cfg)}) as run:
         wd.copy_tokenizer(cfg.init_from, cfg.workdir, "--init_from")
-        return _train(cfg, run, mesh, tokenizer, model_cfg, train_cfg, train_pairs, eval_pairs)
+        stage = dpo_stage(cfg, mesh, tokenizer, model_cfg, train_cfg, train_pairs, eval_pairs)
+        return stage_lib.run_stage(run, stage, loop_cfg=train_cfg, mesh=mesh)
 
 
-def _train(cfg: DPOConfig, run: wd.Run, mesh, tokenizer: Tokenizer, model_cfg, train_cfg,
-           train_pairs, eval_pairs) -> dict[str, float]:
+def dpo_stage(cfg: DPOConfig, mesh, tokenizer: Tokenizer, model_cfg, train_cfg, train_pairs,
+              eval_pairs) -> stage_lib.Stage:
+    """The parts of a DPO run: the policy's train step with the frozen reference's
+    log-probs added to each batch, and the row-masked evaluation on the held-out pairs."""
     num_shards = shards.resolve(cfg.data.data_shards)
     common = dict(seq_len=train_cfg.seq_len, shard_count=num_shards,
                   batch_size=shards.split_rows(train_cfg.batch_size, num_shards, "--batch_size"))
@@ -183,17 +182,12 @@ def _train(cfg: DPOConfig, run: wd.Run, mesh, tokenizer: Tokenizer, model_cfg, t
     # Its own restore: the donated train state never aliases the frozen reference.
     reference = ckpt_lib.restore_params(cfg.init_from, abstract.params)
     add_reference = make_add_reference(apply, mesh, shardings.params)
-    checkpointer = ckpt_lib.Checkpointer(Path(cfg.workdir) / "checkpoints",
-                                         keep=train_cfg.keep_checkpoints)
-    seed_key = jax.random.key(train_cfg.seed)
 
-    def fresh_state():
-        state, _ = state_lib.init_state(model, tx, mesh, train_cfg.seq_len,
-                                        jax.random.fold_in(seed_key, 1))
+    def fresh_state(init_key):
+        state, _ = state_lib.init_state(model, tx, mesh, train_cfg.seq_len, init_key)
         logging.info("starting DPO from %s (also the reference)", cfg.init_from)
         return state.replace(params=ckpt_lib.restore_params(cfg.init_from, abstract.params))
 
-    state = loop.resume_or_init(checkpointer, abstract, fresh_state, train_iter)
     dpo_step = step_lib.make_train_step(objective, apply=apply, tx=tx, schedule=schedule,
                                         mesh=mesh, state_shardings=shardings,
                                         grad_accum_steps=train_cfg.grad_accum_steps)
@@ -205,32 +199,24 @@ def _train(cfg: DPOConfig, run: wd.Run, mesh, tokenizer: Tokenizer, model_cfg, t
                                      params_shardings=shardings.params)
     # The reference's log-probs of the eval pairs never change: computed once.
     eval_batches = [add_reference(reference, parallel.global_batch(b, mesh)) for b in local_eval]
-
     last_eval = {}
 
     def evaluate(params) -> dict[str, float]:
-        if last_eval.get("params") is params:  # the loop's final eval: not run twice
-            return last_eval["metrics"]
-        sums = MetricSums()
-        for batch in eval_batches:
-            sums.add(eval_step(params, batch))
-        out = sums.means(prefix="eval/")
-        out["eval/pairs"] = sums.weight("loss")
-        last_eval.update(params=params, metrics=out)
-        return out
+        if last_eval.get("params") is not params:  # the loop's final eval: not run twice
+            sums = MetricSums()
+            for batch in eval_batches:
+                sums.add(eval_step(params, batch))
+            last_eval.update(params=params, metrics={**sums.means(prefix="eval/"),
+                                                     "eval/pairs": sums.weight("loss")})
+        return last_eval["metrics"]
 
-    writer = DPOMetricsWriter(cfg.workdir, total_steps=train_cfg.steps)
-    try:
-        state = loop.train_loop(
-            state, cfg=train_cfg, train_step=train_step,
-            base_rng=jax.random.fold_in(seed_key, 2), data_iter=train_iter, mesh=mesh,
-            checkpointer=checkpointer, writer=writer, evaluate=evaluate,
-            # Two sequences per pair (the reference's forward pass is not counted).
-            flops_per_token=2 * model_cfg.flops_per_token(train_cfg.seq_len))
-        final = evaluate(state.params)
-    finally:
-        writer.close()
-        checkpointer.close()
-    run.finish(int(state.step), {**final, "train_pairs": len(train_pairs), "pairs": cfg.pairs,
-                                 "beta": cfg.beta})
-    return final
+    def final_metrics(state):
+        return {**evaluate(state.params), "train_pairs": len(train_pairs), "pairs": cfg.pairs,
+                "beta": cfg.beta}
+
+    return stage_lib.Stage(
+        abstract_state=abstract, fresh_state=fresh_state, data_iter=train_iter,
+        train_step=train_step, evaluate=evaluate, writer=DPOMetricsWriter,
+        # Two sequences per pair (the reference's forward pass is not counted).
+        flops_per_token=2 * model_cfg.flops_per_token(train_cfg.seq_len),
+        final_metrics=final_metrics)
