@@ -48,6 +48,9 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("pos", None),
     ("norm", None),
     ("scalar", None),
+    # The stacked layer axis of scan_layers params: every device holds all layers' shards
+    # (scan slices one layer per iteration; sharding it would gather a layer per step).
+    ("layers", None),
 )
 
 

@@ -21,6 +21,7 @@ from instructjax.config import ConfigError
 from instructjax.data.tokenizer import train_tokenizer
 from instructjax.model import hf
 from instructjax.model.config import ModelConfig, preset
+from instructjax.model.layout import unstack_layers
 from instructjax.model.transformer import Transformer
 from instructjax.train import hf_workdir, state as state_lib, workdir as wd
 
@@ -85,10 +86,12 @@ def _flat_np(params):
     return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "llama_sharded"])
-def test_import_matches_transformers_logits(hf_dirs, name):
+@pytest.mark.parametrize("name, scan", [("gpt2", False), ("llama", False), ("llama_sharded", False),
+                                        ("gpt2", True), ("llama_sharded", True)])
+def test_import_matches_transformers_logits(hf_dirs, name, scan):
     mesh = parallel.make_mesh(FSDP)
-    cfg, params = hf.load_checkpoint(hf_dirs[name], mesh)
+    cfg, params = hf.load_checkpoint(hf_dirs[name], mesh, scan_layers=scan)
+    assert cfg.scan_layers == scan and ("layers" in params) == scan
     if name != "gpt2":
         assert (cfg.n_heads, cfg.n_kv_heads, cfg.tie_embeddings) == (4, 2, False)
         assert (cfg.rope_theta, cfg.norm_eps) == (500000.0, 1e-6)
@@ -182,10 +185,12 @@ EXPORT_CASES = {
 }
 
 
-@pytest.mark.parametrize("case, max_shard_bytes", [
-    ("gpt2", hf.DEFAULT_MAX_SHARD_BYTES), ("llama_gqa", 40_000), ("llama_tied_head_dim", 30_000)])
-def test_export_runs_in_transformers_and_round_trips_exactly(tmp_path, case, max_shard_bytes):
-    cfg = ModelConfig(**EXPORT_CASES[case])
+@pytest.mark.parametrize("case, max_shard_bytes, scan", [
+    ("gpt2", hf.DEFAULT_MAX_SHARD_BYTES, False), ("llama_gqa", 40_000, False),
+    ("llama_tied_head_dim", 30_000, False), ("llama_gqa", 40_000, True)])
+def test_export_runs_in_transformers_and_round_trips_exactly(tmp_path, case, max_shard_bytes,
+                                                             scan):
+    cfg = ModelConfig(**EXPORT_CASES[case], scan_layers=scan)
     mesh = parallel.make_mesh(TP)
     params = _random_params(cfg, mesh)
     out = hf.save_checkpoint(params, cfg, tmp_path / "hf", max_shard_bytes=max_shard_bytes)
@@ -198,12 +203,16 @@ def test_export_runs_in_transformers_and_round_trips_exactly(tmp_path, case, max
     tokens = _tokens(cfg.vocab_size)
     ours = _ours(cfg, params, tokens)
     assert np.abs(ours - _theirs(out, tokens)).max() < 1e-4
-    back_cfg, back = hf.load_checkpoint(out, mesh)
+    back_cfg, back = hf.load_checkpoint(out, mesh, scan_layers=scan)
     assert back_cfg == cfg
     a, b = _flat_np(params), _flat_np(back)
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+    if scan:  # the same files hold the unrolled layout of the same params
+        _, unrolled = hf.load_checkpoint(out, mesh)
+        a, b = _flat_np(unstack_layers(params)), _flat_np(unrolled)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     # Exporting again over the same directory replaces it (atomically, via a rename).
     hf.save_checkpoint(params, cfg, out)
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]

@@ -6,6 +6,13 @@ import dataclasses
 
 FAMILIES = ("gpt2", "llama")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("plain", "blockwise", "xla", "cudnn")  # see model/attention.py
+# What a rematerialised block keeps from its forward pass for the backward pass:
+#   none              no remat: every activation is kept
+#   full              only the block's input (everything is recomputed)
+#   save_dots         the outputs of matmuls without batch dims (all projections, MLP)
+#   save_projections  the q/k/v/out attention projections (MaxText's save_qkv_proj)
+REMAT_POLICIES = ("none", "full", "save_dots", "save_projections")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -22,7 +29,14 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout_rate: float = 0.0
     compute_dtype: str = "float32"
-    remat: bool = False
+    remat: bool = False  # kept for old configs and --remat: True means remat_policy "full"
+    remat_policy: str = ""  # one of REMAT_POLICIES; "" follows `remat`
+    # The blocks as one nn.scan over a stacked leading layer axis (params `layers/...`)
+    # instead of `layer_0` ... `layer_{n-1}`: one layer's gradient lives at a time and the
+    # step compiles once per block, not n_layers times. model/layout.py converts.
+    scan_layers: bool = False
+    attention_impl: str = "plain"  # one of ATTENTION_IMPLS
+    attention_block_size: int = 512  # blockwise: query and key block length
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
 
@@ -45,6 +59,18 @@ class ModelConfig:
         check(self.compute_dtype in DTYPES, f"compute_dtype must be one of {DTYPES}, got {self.compute_dtype!r}")
         check(self.family == "llama" or self.head_dim in (0, self.d_model // self.n_heads),
               "gpt2 models use head_dim == d_model // n_heads")
+        check(self.remat_policy in ("", *REMAT_POLICIES),
+              f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+        check(not (self.remat and self.remat_policy == "none"),
+              "remat=True asks for rematerialisation but remat_policy is 'none'; drop one")
+        check(self.attention_impl in ATTENTION_IMPLS,
+              f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        check(self.attention_block_size > 0,
+              f"attention_block_size must be > 0, got {self.attention_block_size}")
+
+    @property
+    def resolved_remat_policy(self) -> str:
+        return self.remat_policy or ("full" if self.remat else "none")
 
     @property
     def resolved_head_dim(self) -> int:

@@ -9,12 +9,15 @@ tensor's shards at a time. Export gathers one tensor at a time from the mesh and
 float32 safetensors files no bigger than `max_shard_bytes` (plus an index when there are
 several), into a temporary directory renamed into place when complete.
 
-Which tensor maps to which parameter, and how, is in model/hf_layout.py.
+Which tensor maps to which parameter, and how, is in model/hf_layout.py, for the unrolled
+layer layout (`layer_i/...`). A scan_layers model's stacked `layers/...` params are read and
+written one layer at a time through the same table (model/layout.py names the paths).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import shutil
@@ -33,6 +36,7 @@ from safetensors.numpy import save_file
 
 from instructjax import parallel
 from instructjax.data.tokenizer import Tokenizer
+from instructjax.model import layout as layer_layout
 from instructjax.model.config import ModelConfig
 from instructjax.model.hf_layout import (CONFIG_FILE, IGNORED_SUFFIXES, HFCheckpointError,
                                          Layout, config_from_hf, config_to_hf, stored_shapes,
@@ -140,6 +144,13 @@ def abstract_params(cfg: ModelConfig, mesh):
             traverse_util.flatten_dict(shardings))
 
 
+def _sources(flat_paths, cfg: ModelConfig) -> dict[tuple[str, ...], list[tuple[str, ...]]]:
+    """Our param path -> the unrolled path(s) tensor_layouts knows it by: itself, or one per
+    layer for a stacked scan_layers param (its leading axis indexes them)."""
+    return {path: layer_layout.per_layer_paths(path, cfg.n_layers) or [path]
+            for path in flat_paths}
+
+
 def _check_tree(have, layouts: dict[tuple[str, ...], Layout], what: str) -> None:
     if set(have) != set(layouts):
         extra, missing = set(have) - set(layouts), set(layouts) - set(have)
@@ -154,28 +165,41 @@ def _read_shard(tensor_slice, layout: Layout, index) -> np.ndarray:
     return layout.select(tensor_slice[box], cut).astype(np.float32)
 
 
-def load_checkpoint(hf_dir: str | Path, mesh) -> tuple[ModelConfig, dict]:
-    """(ModelConfig, params) of a Hugging Face checkpoint, params sharded onto `mesh`."""
+def load_checkpoint(hf_dir: str | Path, mesh, *, scan_layers: bool = False
+                    ) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, params) of a Hugging Face checkpoint, params sharded onto `mesh`; with
+    scan_layers, the config says so and the layers' params come stacked (model/layout.py)."""
     hf_dir = Path(hf_dir)
     cfg = read_config(hf_dir)
+    if scan_layers:
+        cfg = dataclasses.replace(cfg, scan_layers=True)
     layouts = tensor_layouts(cfg)
     abstract, shardings = abstract_params(cfg, mesh)
-    _check_tree(abstract, layouts, f"{hf_dir} ({cfg.family})")
+    sources = _sources(abstract, cfg)
+    _check_tree([p for paths in sources.values() for p in paths], layouts,
+                f"{hf_dir} ({cfg.family})")
     flat = {}
     with _Tensors(hf_dir, cfg.family) as tensors:
         tensors.check(stored_shapes(layouts), cfg.tie_embeddings)
-        for path, layout in layouts.items():
-            assert abstract[path].shape == layout.shape, (path, abstract[path].shape, layout)
-            tensor_slice = tensors.get_slice(layout.key)
+        for path, unrolled in sources.items():
+            parts = [(tensors.get_slice(layouts[p].key), layouts[p]) for p in unrolled]
+            stacked = path not in layouts
+            assert abstract[path].shape == ((len(parts),) if stacked else ()) + parts[0][1].shape
             read: dict[tuple, np.ndarray] = {}  # replicated shards: read once per tensor
 
-            def callback(index, tensor_slice=tensor_slice, layout=layout, read=read):
-                key = tuple(s.indices(n)[:2] for s, n in zip(index, layout.shape))
+            def callback(index, parts=parts, stacked=stacked, shape=abstract[path].shape,
+                         read=read):
+                key = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
                 if key not in read:
-                    read[key] = _read_shard(tensor_slice, layout, index)
+                    if stacked:  # index[0] picks layers; the rest cuts each layer's tensor
+                        read[key] = np.stack([_read_shard(*parts[i], index[1:])
+                                              for i in range(*index[0].indices(len(parts)))])
+                    else:
+                        read[key] = _read_shard(*parts[0], index)
                 return read[key]
 
-            flat[path] = jax.make_array_from_callback(layout.shape, shardings[path], callback)
+            flat[path] = jax.make_array_from_callback(abstract[path].shape, shardings[path],
+                                                      callback)
     return cfg, traverse_util.unflatten_dict(flat)
 
 
@@ -186,10 +210,12 @@ def _gather(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def _stored_tensor(parts: list[tuple[tuple[str, ...], Layout]], flat) -> np.ndarray:
-    """A checkpoint tensor from our parameter(s); fused parts concatenate by offset."""
+def _stored_tensor(parts: list[tuple[tuple[str, ...], Layout]], param_at) -> np.ndarray:
+    """A checkpoint tensor from our parameter(s); fused parts concatenate by offset.
+    `param_at(unrolled path)` gives the parameter (one layer's slice of a stacked one)."""
     parts = sorted(parts, key=lambda part: part[1].offset)
-    arrays = [layout.to_stored(_gather(flat[path]).astype(np.float32)) for path, layout in parts]
+    arrays = [layout.to_stored(_gather(param_at(path)).astype(np.float32))
+              for path, layout in parts]
     # Contiguous: safetensors.numpy writes a transposed view's buffer in memory order.
     return np.ascontiguousarray(arrays[0] if len(arrays) == 1 else np.concatenate(arrays, -1))
 
@@ -217,13 +243,28 @@ def save_checkpoint(params, cfg: ModelConfig, out_dir: str | Path, *,
     out_dir = Path(out_dir).absolute()
     layouts = tensor_layouts(cfg)
     flat = traverse_util.flatten_dict(params)
-    _check_tree(flat, layouts, "params to export")
+    # Unrolled path -> (our path, layer index or None): a stacked param is sliced on its
+    # devices one layer at a time, so no host ever holds all layers of it.
+    where = {p: (path, None if p == path else i)
+             for path, unrolled in _sources(flat, cfg).items() for i, p in enumerate(unrolled)}
+    _check_tree(where, layouts, "params to export")
+
+    def shape_of(p):  # one layer's shape; a stacked param must hold exactly n_layers
+        path, i = where[p]
+        shape = tuple(flat[path].shape)
+        return shape if i is None or shape[:1] != (cfg.n_layers,) else shape[1:]
+
+    def param_at(p):
+        path, i = where[p]
+        return flat[path] if i is None else flat[path][i]
+
     by_key: dict[str, list] = {}
     for path, layout in layouts.items():
-        if tuple(flat[path].shape) != layout.shape:
-            raise HFCheckpointError(f"params to export: {'/'.join(path)} has shape "
-                                    f"{tuple(flat[path].shape)}; the model config implies "
-                                    f"{layout.shape}")
+        if shape_of(path) != layout.shape:
+            raise HFCheckpointError(f"params to export: {'/'.join(where[path][0])} has shape "
+                                    f"{tuple(flat[where[path][0]].shape)}; the model config "
+                                    f"implies {layout.shape}"
+                                    + (" per layer" if where[path][1] is not None else ""))
         by_key.setdefault(layout.key, []).append((path, layout))
     sizes = {k: 4 * math.prod(shape) for k, shape in stored_shapes(layouts).items()}
     files = _plan_files(sizes, max_shard_bytes)
@@ -241,7 +282,7 @@ def save_checkpoint(params, cfg: ModelConfig, out_dir: str | Path, *,
     try:
         for name, keys in zip(names, files):
             # Gathered one tensor at a time; the host holds at most one file's tensors.
-            tensors = {key: _stored_tensor(by_key[key], flat) for key in keys}
+            tensors = {key: _stored_tensor(by_key[key], param_at) for key in keys}
             if writer:
                 save_file(tensors, tmp / name, metadata={"format": "pt"})
             del tensors

@@ -5,11 +5,15 @@ Shape legend:
   D d_model H query heads    K key/value heads   G = H // K query heads per KV head
   F head_dim M d_ff (MLP width)  V vocabulary
   U positions picked by `head_at_BxU` (the head runs only there)
+  L layers: with cfg.scan_layers the blocks are one nn.scan, their params are stacked
+    under `layers/` with a leading L axis (logical name "layers") and so is the KV cache
 
 Attention rule (one rule covers packing, right padding and left-padded generation):
 a query may attend a key iff key_slot <= query_slot, seg_q == seg_k and seg_k != 0, where
 segment id 0 marks padding. With a cache, this call's keys are written at slots
-[cache_index, cache_index + T) and queries attend over all S cache slots.
+[cache_index, cache_index + T) and queries attend over all S cache slots. How scores are
+computed (materialised T x S, or blockwise without ever storing them) is
+cfg.attention_impl, in model/attention.py.
 
 Parameters are float32 with logical axis names; activations run in cfg.compute_dtype;
 norms, softmax, logits and scalar outputs are float32.
@@ -22,11 +26,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from instructjax.model import attention
 from instructjax.model.config import ModelConfig
 
-MASK_VALUE = -1e9  # finite, so fully masked rows (pad queries) give no NaN
 Cache = dict[str, Any]
+# checkpoint_name tags of the attention projections (remat_policy "save_projections").
+PROJECTION_NAMES = ("query_proj", "key_proj", "value_proj", "out_proj")
 
 
 def _init(initializer, names):
@@ -97,15 +104,17 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, layer_cache, cache_index):
+    def __call__(self, x_BxTxD, positions_BxT, segment_q_BxT, segment_k_BxS, layer_cache,
+                 cache_index):
         cfg, dtype = self.cfg, dtype_of(self.cfg)
         H, K, F = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
         bias = cfg.family == "gpt2"
         std = 0.02
 
         def proj(name, heads, head_names):
-            return Projection((heads, F), ("embed", head_names, "head_dim"), bias, std, dtype,
-                              name=name)(x_BxTxD)
+            y = Projection((heads, F), ("embed", head_names, "head_dim"), bias, std, dtype,
+                           name=name)(x_BxTxD)
+            return checkpoint_name(y, f"{name}_proj")  # remat_policy "save_projections"
 
         q_BxTxHxF = _constrain(proj("query", H, "heads"), ("batch", "length", "act_heads", "head_dim"))
         k_BxTxKxF = _constrain(proj("key", K, "kv_heads"), ("batch", "length", "act_kv_heads", "head_dim"))
@@ -128,16 +137,15 @@ class Attention(nn.Module):
                 layer_cache["v"], v_BxKxSxF.astype(layer_cache["v"].dtype), start)
             new_cache = {"k": k_BxKxSxF, "v": v_BxKxSxF}
             k_BxKxSxF, v_BxKxSxF = k_BxKxSxF.astype(dtype), v_BxKxSxF.astype(dtype)
-        scores = jnp.einsum("btkgf,bksf->bkgts", q_BxTxKxGxF, k_BxKxSxF,
-                            preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(F))
-        scores = jnp.where(mask_BxTxS[:, None, None], scores, MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        out_BxTxKxGxF = jnp.einsum("bkgts,bksf->btkgf", probs, v_BxKxSxF)
+        out_BxTxKxGxF = attention.attend(q_BxTxKxGxF, k_BxKxSxF, v_BxKxSxF, segment_q_BxT,
+                                         segment_k_BxS, cache_index, impl=cfg.attention_impl,
+                                         block_size=cfg.attention_block_size,
+                                         in_layer_scan=cfg.scan_layers)
         out_BxTxHxF = _constrain(out_BxTxKxGxF.reshape(B, T, H, F),
                                  ("batch", "length", "act_heads", "head_dim"))
         out_BxTxD = Projection((cfg.d_model,), ("heads", "head_dim", "embed"), bias,
                                std / (2 * cfg.n_layers) ** 0.5, dtype, name="out")(out_BxTxHxF)
-        return out_BxTxD, new_cache
+        return checkpoint_name(out_BxTxD, "out_proj"), new_cache
 
 
 class MLP(nn.Module):
@@ -164,24 +172,63 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One pre-norm layer. Called as (carry, per-layer input, *broadcast inputs) ->
+    (carry, per-layer output) so the same module runs unrolled or under nn.scan."""
     cfg: ModelConfig
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, layer_cache, cache_index):
+    def __call__(self, x_BxTxD, layer_cache, positions_BxT, segment_q_BxT, segment_k_BxS,
+                 cache_index):
         drop = nn.Dropout(self.cfg.dropout_rate, deterministic=self.deterministic)
         a, new_cache = Attention(self.cfg, name="attn")(
-            Norm(self.cfg, name="attn_norm")(x_BxTxD), positions_BxT, mask_BxTxS, layer_cache,
-            cache_index)
+            Norm(self.cfg, name="attn_norm")(x_BxTxD), positions_BxT, segment_q_BxT,
+            segment_k_BxS, layer_cache, cache_index)
         x_BxTxD = x_BxTxD + drop(a)
         x_BxTxD = x_BxTxD + drop(MLP(self.cfg, name="mlp")(Norm(self.cfg, name="mlp_norm")(x_BxTxD)))
         return _constrain(x_BxTxD, ("batch", "length", "act_embed")), new_cache
 
 
-def attention_mask(segment_q_BxT, segment_k_BxS, q_slot_T, k_slot_S):
-    causal_TxS = k_slot_S[None, :] <= q_slot_T[:, None]
-    same_BxTxS = segment_q_BxT[:, :, None] == segment_k_BxS[:, None, :]
-    return causal_TxS[None] & same_BxTxS & (segment_k_BxS[:, None, :] != 0)
+def _remat_policy(name: str):
+    if name == "save_dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    if name == "save_projections":
+        return jax.checkpoint_policies.save_only_these_names(*PROJECTION_NAMES)
+    return None  # "full": save nothing but the block's inputs
+
+
+def block_class(cfg: ModelConfig):
+    """Block, rematerialised as cfg asks. Under scan, CSE across iterations cannot happen,
+    so remat's CSE barrier (which costs fusion) is left out (flax's advice for scan)."""
+    policy = cfg.resolved_remat_policy
+    if policy == "none":
+        return Block
+    return nn.remat(Block, policy=_remat_policy(policy), prevent_cse=not cfg.scan_layers)
+
+
+def run_blocks(cfg: ModelConfig, deterministic: bool, x_BxTxD, layers_cache, *broadcast):
+    """All layers; `layers_cache` and the returned new cache are a list of per-layer
+    {k, v} (unrolled) or one {k, v} with a leading layer axis (scan_layers)."""
+    block = block_class(cfg)
+    if cfg.scan_layers:
+        if isinstance(layers_cache, list):
+            raise ValueError("a KV cache with one entry per layer was passed to a model with "
+                             "scan_layers=True; build it with init_cache(cfg, ...)")
+        scanned = nn.scan(block, variable_axes={"params": 0},
+                          split_rngs={"params": True, "dropout": True},
+                          in_axes=(0,) + (nn.broadcast,) * len(broadcast), length=cfg.n_layers,
+                          metadata_params={nn.PARTITION_NAME: "layers"})
+        return scanned(cfg, deterministic, name="layers")(x_BxTxD, layers_cache, *broadcast)
+    if layers_cache is not None and not isinstance(layers_cache, list):
+        raise ValueError("a stacked KV cache (scan_layers=True layout) was passed to a model "
+                         "with scan_layers=False; build it with init_cache(cfg, ...)")
+    new_layers = []
+    for i in range(cfg.n_layers):
+        layer_cache = None if layers_cache is None else layers_cache[i]
+        x_BxTxD, new_layer = block(cfg, deterministic, name=f"layer_{i}")(
+            x_BxTxD, layer_cache, *broadcast)
+        new_layers.append(new_layer)
+    return x_BxTxD, new_layers
 
 
 class Transformer(nn.Module):
@@ -208,27 +255,17 @@ class Transformer(nn.Module):
         x_BxTxD = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x_BxTxD)
         x_BxTxD = _constrain(x_BxTxD, ("batch", "length", "act_embed"))
 
-        T = tokens_BxT.shape[1]
-        segment_ids_BxT = segment_ids_BxT.astype(jnp.int32)
+        # Attention takes segment ids and slots, not a T x S mask: see model/attention.py.
+        segment_q_BxT = segment_ids_BxT.astype(jnp.int32)
         if cache is None:
-            slots = jnp.arange(T)
-            mask_BxTxS = attention_mask(segment_ids_BxT, segment_ids_BxT, slots, slots)
-            cache_index = 0
+            segment_k_BxS, cache_index, layers_cache = segment_q_BxT, 0, None
         else:
             cache_index = jnp.asarray(cache_index, jnp.int32)
-            segment_k_BxS = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BxT,
+            segment_k_BxS = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_q_BxT,
                                                          (0, cache_index))
-            S = segment_k_BxS.shape[1]
-            mask_BxTxS = attention_mask(segment_ids_BxT, segment_k_BxS,
-                                        cache_index + jnp.arange(T), jnp.arange(S))
-
-        block = nn.remat(Block) if cfg.remat else Block
-        new_layers = []
-        for i in range(cfg.n_layers):
-            layer_cache = None if cache is None else cache["layers"][i]
-            x_BxTxD, new_layer = block(cfg, deterministic, name=f"layer_{i}")(
-                x_BxTxD, positions_BxT, mask_BxTxS, layer_cache, cache_index)
-            new_layers.append(new_layer)
+            layers_cache = cache["layers"]
+        x_BxTxD, new_layers = run_blocks(cfg, deterministic, x_BxTxD, layers_cache,
+                                         positions_BxT, segment_q_BxT, segment_k_BxS, cache_index)
         if head_at_BxU is not None:
             x_BxTxD = jnp.take_along_axis(x_BxTxD, head_at_BxU.astype(jnp.int32)[..., None], axis=1)
         h_BxTxD = Norm(cfg, name="final_norm")(x_BxTxD)
@@ -252,9 +289,15 @@ class Transformer(nn.Module):
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, cache_len: int) -> Cache:
-    """An empty KV cache: every slot has segment id 0 (padding) until written."""
+    """An empty KV cache: every slot has segment id 0 (padding) until written. "layers" is
+    a list of per-layer {k, v} [B, K, S, F], or with scan_layers one {k, v} [L, B, K, S, F]
+    (the scan's per-layer input and output)."""
     shape = (batch_size, cfg.n_kv_heads, cache_len, cfg.resolved_head_dim)
     dtype = dtype_of(cfg)
-    return {"segment_ids": jnp.zeros((batch_size, cache_len), jnp.int32),
-            "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-                       for _ in range(cfg.n_layers)]}
+    if cfg.scan_layers:
+        stacked = (cfg.n_layers, *shape)
+        layers = {"k": jnp.zeros(stacked, dtype), "v": jnp.zeros(stacked, dtype)}
+    else:
+        layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+                  for _ in range(cfg.n_layers)]
+    return {"segment_ids": jnp.zeros((batch_size, cache_len), jnp.int32), "layers": layers}
