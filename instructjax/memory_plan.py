@@ -15,15 +15,15 @@ generated code: everything the program needs live at once, counting a donated bu
 The summed results of the program's collectives show how much of the temporaries are
 gathered parameters (all-gather) and unsharded gradients (all-reduce).
 
-Caveat: the plan is compiled by XLA's CPU backend; TPU/GPU compilers fuse and schedule
-differently (the CPU backend, for one, reduces FSDP gradients with a full-size all-reduce
-where GPU/TPU use a reduce-scatter), so read temporaries as an estimate. Parameter,
-optimiser, argument, output and aliased bytes are exact.
+Caveat: a plan compiled by XLA's CPU backend is no guide to a TPU's temporaries (the CPU
+backend, for one, reduces FSDP gradients with a full-size all-reduce where GPU/TPU use a
+reduce-scatter); tpu_plan.py compiles for a named TPU topology with XLA:TPU instead, and a
+compiler that refuses a program too big for the device (RESOURCE_EXHAUSTED) gives a plan
+that does not fit, with its message. Parameter, optimiser and batch bytes are exact on all.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import math
 import re
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from instructjax import parallel
-from instructjax.config import ConfigError, DataConfig, OptimConfig
+from instructjax.config import ConfigError, OptimConfig
 from instructjax.losses import LMLossConfig, Objective, lm_loss, make_apply
 from instructjax.model import config as model_config
 from instructjax.model.transformer import Transformer
@@ -68,6 +68,12 @@ class PlanConfig:
     num_minibatches: int = 4
     ptx_batch_size: int = 0
     ptx_seq_len: int = 128
+    algorithm: str = "ppo"  # ppo: "ppo" | "grpo" | "rloo" (rlhf/algorithms.py)
+    group_size: int = 1     # ppo: responses per prompt (GRPO's / RLOO's groups)
+    # ModelConfig's memory levers (model/config.py): scanned layers, attention, remat.
+    scan_layers: bool = False
+    attention_impl: str = "plain"
+    remat_policy: str = ""
 
     def __post_init__(self):
         def require(ok, message):
@@ -78,7 +84,7 @@ class PlanConfig:
                 f"{', '.join(model_config.PRESETS)}")
         require(self.task in TASKS, f"--task must be one of {TASKS}, got {self.task!r}")
         for name in ("devices", "batch_size", "grad_accum_steps", "max_new_tokens",
-                     "ppo_epochs", "num_minibatches", "ptx_seq_len"):
+                     "ppo_epochs", "num_minibatches", "ptx_seq_len", "group_size"):
             require(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
         require(self.ptx_batch_size >= 0, "--ptx_batch_size must be >= 0 (0 = plain PPO)")
         require(self.device_memory_gib > 0, "--device_memory_gib must be > 0")
@@ -112,20 +118,21 @@ class PlanConfig:
 
     def model_config(self) -> model_config.ModelConfig:
         return model_config.preset(self.model, remat=self.remat, compute_dtype=self.compute_dtype,
-                                   dropout_rate=0.0)
+                                   dropout_rate=0.0, scan_layers=self.scan_layers,
+                                   attention_impl=self.attention_impl,
+                                   remat_policy=self.remat_policy)
 
     def ppo_config(self):
         from instructjax.rlhf.ppo import PPOConfig
-        # The paths are never read: the plan only needs the shapes and the objective.
         return PPOConfig(
-            workdir="<memory-plan>", policy_from="<memory-plan>", reward_from="<memory-plan>",
-            data=DataConfig(data_dir="<memory-plan>"), optim=OptimConfig(learning_rate=1e-5),
+            optim=OptimConfig(learning_rate=1e-5),
             rollout_batch_size=self.batch_size, max_prompt_len=self.seq_len - self.max_new_tokens,
             max_new_tokens=self.max_new_tokens, ppo_epochs=self.ppo_epochs,
             num_minibatches=self.num_minibatches, grad_accum_steps=self.grad_accum_steps,
             gamma_ptx=1.0 if self.ptx_batch_size else 0.0,
             ptx_batch_size=max(self.ptx_batch_size, 1), ptx_seq_len=self.ptx_seq_len,
-            compute_dtype=self.compute_dtype, remat=self.remat)
+            compute_dtype=self.compute_dtype, remat=self.remat, algorithm=self.algorithm,
+            group_size=self.group_size)
 
 
 def bytes_per_device(tree) -> int:
@@ -184,19 +191,16 @@ def ppo_program(cfg: PlanConfig, mesh) -> Program:
     """The PPO / PPO-ptx iteration of rlhf/ppo_run.py on abstract inputs: rollout (sampling,
     policy/reference/value/reward forward passes) and all PPO updates. The policy and value
     models share the preset (the value model starts as the reward model)."""
-    from instructjax.rlhf import ppo, rl_state, rollout
+    from instructjax.rlhf import rollout
+    from instructjax.rlhf.rl_program import build_rl_program
     ppo_cfg = cfg.ppo_config()
     model_cfg = cfg.model_config()
-    policy, value = Transformer(model_cfg), Transformer(model_cfg, head="scalar")
-    models = rollout.RolloutModels(policy=policy, value=value, reward=value)
-    tx, schedule = ppo.make_optimizer(ppo_cfg)
-    state, shardings = rl_state.abstract_ppo_state(policy, value, tx, mesh, ppo_cfg.init_kl_coef)
-    frozen = {"reference": state.params, "reward": state.value_params}
-    step = ppo.make_ppo_iteration(
-        ppo_cfg, models=models, rollout_cfg=ppo_cfg.rollout_config(eos_id=_EOS, pad_id=_PAD),
-        tx=tx, schedule=schedule, mesh=mesh, state_shardings=shardings,
-        frozen_shardings={"reference": shardings.params, "reward": shardings.value_params},
-        return_responses=True)
+    policy, scalar = Transformer(model_cfg), Transformer(model_cfg, head="scalar")
+    value = scalar if ppo_cfg.algo.uses_value_model else None
+    models = rollout.RolloutModels(policy=policy, value=value, reward=scalar)
+    program = build_rl_program(ppo_cfg, models, mesh, eos_id=_EOS, pad_id=_PAD)
+    state, frozen = program.abstract_state, program.abstract_frozen
+    step = program.iteration(return_responses=True)
     rows = parallel.batch_sharding(mesh)
     prompt_len = ppo_cfg.max_prompt_len
     batch = {"prompt_tokens": _struct((cfg.batch_size, prompt_len), jnp.int32, rows),
@@ -220,7 +224,8 @@ def build_program(cfg: PlanConfig, devices=None) -> tuple[Program, Any]:
         raise ConfigError(f"--devices={cfg.devices} but JAX has only {len(devices)} devices; "
                           "on CPU set jax_num_cpu_devices before JAX starts (experiments.aot "
                           "does this from --devices)")
-    mesh = parallel.make_mesh(cfg.mesh, devices[:cfg.devices])
+    from instructjax.tpu_plan import slice_aware_mesh  # a multi-slice TPU mesh, else make_mesh
+    mesh = slice_aware_mesh(cfg.mesh, devices[:cfg.devices])
     return (train_program if cfg.task == "train" else ppo_program)(cfg, mesh), mesh
 
 
@@ -248,17 +253,21 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     return out
 
 
-def summarise(cfg: PlanConfig, program: Program, compiled, *, mesh) -> dict[str, Any]:
-    """The plan as a JSON-ready dict: per-device bytes and whether it fits."""
-    stats = compiled.memory_analysis()
-    if stats is None:
+def summarise(cfg: PlanConfig, program: Program, compiled, *, mesh,
+              refused: str | None = None) -> dict[str, Any]:
+    """The plan as a JSON-ready dict: per-device bytes and whether it fits. `compiled` is None
+    when the compiler refused the program for want of memory (`refused`: its message)."""
+    stats = compiled.memory_analysis() if compiled is not None else None
+    if compiled is not None and stats is None:
         raise RuntimeError("this XLA backend gives no memory analysis for compiled programs")
-    xla = {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
-           "aliased": stats.alias_size_in_bytes, "temporaries": stats.temp_size_in_bytes,
-           "generated code": stats.generated_code_size_in_bytes}
-    peak = (xla["arguments"] + xla["outputs"] - xla["aliased"] + xla["temporaries"]
-            + xla["generated code"])
+    xla = stats and {"arguments": stats.argument_size_in_bytes,
+                     "outputs": stats.output_size_in_bytes, "aliased": stats.alias_size_in_bytes,
+                     "temporaries": stats.temp_size_in_bytes,
+                     "generated code": stats.generated_code_size_in_bytes}
+    peak = xla and (xla["arguments"] + xla["outputs"] - xla["aliased"] + xla["temporaries"]
+                    + xla["generated code"])
     budget = int(cfg.device_memory_gib * GIB)
+    costs = compiled.cost_analysis() if compiled is not None else None
     return {
         "config": dataclasses.asdict(cfg),
         "mesh": dict(mesh.shape),
@@ -266,10 +275,12 @@ def summarise(cfg: PlanConfig, program: Program, compiled, *, mesh) -> dict[str,
         "state": {name: bytes_per_device(tree) for name, tree in program.groups.items()},
         "donated": bytes_per_device(program.donated),
         "xla": xla,
-        "collectives": collective_bytes(compiled.as_text()),
+        "collectives": collective_bytes(compiled.as_text()) if compiled is not None else None,
+        "flops_per_device": (costs or {}).get("flops"),  # SPMD: one device's program
         "peak": peak,
         "device_memory": budget,
-        "fits": peak <= budget,
+        "fits": peak is not None and peak <= budget,
+        "refused": refused,
     }
 
 
@@ -280,9 +291,15 @@ def plan(cfg: PlanConfig, devices=None) -> dict[str, Any]:
     program, mesh = build_program(cfg, devices)
     lowered = program.step.lower(*program.args)
     lowered_at = time.perf_counter()
-    compiled = lowered.compile()
+    compiled, refused = None, None
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:  # XLA:TPU/GPU refuse what exceeds the memory
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        refused = str(e).strip()
     done = time.perf_counter()
-    out = summarise(cfg, program, compiled, mesh=mesh)
+    out = summarise(cfg, program, compiled, mesh=mesh, refused=refused)
     out["seconds"] = {"trace_and_lower": round(lowered_at - start, 2),
                       "compile": round(done - lowered_at, 2)}
     return out
@@ -303,91 +320,22 @@ def format_table(result: dict[str, Any]) -> str:
 
     for name, value in result["state"].items():
         row(name, value)
-    lines.append("  XLA memory analysis:")
-    for name, value in result["xla"].items():
-        row(name, value)
-    row("peak estimate", result["peak"])
+    if result["xla"]:
+        lines.append("  XLA memory analysis (temporaries: activations, gathered parameters, "
+                     "gradients, workspace):")
+        for name, value in result["xla"].items():
+            row(name, value)
+        row("peak estimate", result["peak"])
     row("device memory", result["device_memory"])
     lines.append(f"  => {'FITS' if result['fits'] else 'DOES NOT FIT'} in "
-                 f"{c['device_memory_gib']:g} GiB per device")
-    lines.append("  collectives in the program (summed results, not all live at once):")
-    for name, value in result["collectives"].items():
-        row(name, value)
+                 f"{c['device_memory_gib']:g} GiB per device" + (
+                     f": the compiler refused it: {result['refused']}" if result["refused"] else ""))
+    if result["collectives"]:
+        lines.append("  collectives in the program (summed results, not all live at once):")
+        for name, value in result["collectives"].items():
+            row(name, value)
     seconds = result.get("seconds")
     if seconds:
         lines.append(f"  (trace+lower {seconds['trace_and_lower']:.1f} s, compile "
                      f"{seconds['compile']:.1f} s)")
     return "\n".join(lines)
-
-
-# ============================================================================ measurement
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak_rss() -> bool:
-    """Resets the process's peak-RSS mark (Linux: write 5 to clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def bytes_on_device(tree, device) -> int:
-    """Bytes of the live arrays of `tree` stored on `device` (measured, not planned)."""
-    return sum(s.data.nbytes for x in jax.tree.leaves(tree) if not x.is_deleted()
-               for s in x.addressable_shards if s.device == device)
-
-
-def materialise(abstract_tree):
-    """Real arrays (filled with ones; random keys from seed 0) in the abstract shardings."""
-    def make(leaf):
-        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            return jax.device_put(jax.random.key(0), leaf.sharding)
-        return jax.device_put(np.ones(leaf.shape, leaf.dtype), leaf.sharding)
-    return jax.tree.map(make, abstract_tree)
-
-
-def _release_free_heap() -> None:
-    """Returns freed heap pages to the OS, so the step's allocations show up as RSS growth
-    instead of silently reusing pages earlier work left resident (glibc only)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def measure(cfg: PlanConfig, devices=None) -> dict[str, Any]:
-    """Runs the planned program on real arrays (small presets only) and measures, on the
-    mesh's first device, the argument bytes, the output bytes and the donated bytes freed
-    (from the live arrays), plus the process's peak resident-memory growth during the call
-    (Linux), which covers every device's outputs not aliased to inputs and XLA's temporaries.
-    The measured call is the second one: the first pays one-off runtime set-up. Returns the
-    plan of the same compiled program under 'plan'."""
-    program, mesh = build_program(cfg, devices)
-    compiled = compile_program(program)
-    device = mesh.devices.flat[0]
-    args = materialise(program.args)
-    # Warm-up call; its new state (output 0) is the donated argument of the measured call.
-    args = (jax.block_until_ready(compiled(*args))[0],) + tuple(args[1:])
-    arguments = bytes_on_device(args, device)
-    _release_free_heap()
-    rss_before = _status_kib("VmRSS")
-    peak_ok = _reset_peak_rss()
-    outputs = jax.block_until_ready(compiled(*args))
-    peak_growth = (_status_kib("VmHWM") - rss_before) * 1024 if peak_ok else None
-    # Accelerators: the allocator's peak since start (both calls; each holds the same).
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    return {"plan": summarise(cfg, program, compiled, mesh=mesh),
-            "device_peak_bytes_in_use": (stats or {}).get("peak_bytes_in_use"),
-            "arguments": arguments, "outputs": bytes_on_device(outputs, device),
-            "donated_freed": arguments - bytes_on_device(args, device),
-            "output_leaves": len(jax.tree.leaves(outputs)),
-            "peak_rss_growth": peak_growth, "devices_in_process": len(mesh.devices.flat)}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates ./.venv with the pinned dependencies if it is missing or older than pyproject.toml,
 # and installs the system packages the code sandbox needs (bubblewrap, libseccomp).
+# `scripts/setup_env.sh --tpu` also creates .venv-tpu (with libtpu, for TPU memory plans).
 # Idempotent: a second run does nothing but check.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -22,6 +23,18 @@ if [ ! -x .venv/bin/python ] || [ ! -f .venv/.installed ] || [ pyproject.toml -n
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[test]'
   touch .venv/.installed
+fi
+
+# --tpu: also .venv-tpu, the same plus libtpu (XLA:TPU) for TPU memory plans without a TPU
+# (experiments.aot --topology, tests/test_tpu_plan.py). Kept apart from .venv because libtpu
+# then loads in every JAX start that is not JAX_PLATFORMS=cpu.
+if [ "${1:-}" = "--tpu" ] && { [ ! -f .venv-tpu/.installed ] || [ pyproject.toml -nt .venv-tpu/.installed ]; }; then
+  echo "setup: creating .venv-tpu (the pinned dependencies + libtpu)" >&2
+  "$python" -m venv .venv-tpu
+  echo '*' > .venv-tpu/.gitignore  # git ignores the venv's files
+  .venv-tpu/bin/python -m pip install -q --upgrade pip
+  .venv-tpu/bin/python -m pip install -q -e '.[tpu]' pytest==9.2.0
+  touch .venv-tpu/.installed
 fi
 
 # System packages for the sandbox (instructjax/codex): bubblewrap and libseccomp.

@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from instructjax import memory_plan as mp
+from instructjax import memory_measure, memory_plan as mp
 from instructjax.config import ConfigError, OptimConfig
 from instructjax.model.config import preset
 from instructjax.model.transformer import Transformer
@@ -35,9 +35,9 @@ def test_state_bytes_are_the_exact_sharded_sizes(model_name):
                                     jax.random.key(0))
     device = mesh.devices.flat[0]
     assert mp.bytes_per_device(program.groups["parameters"]) == \
-        mp.bytes_on_device(state.params, device)
+        memory_measure.bytes_on_device(state.params, device)
     assert mp.bytes_per_device(program.groups["optimiser state"]) == \
-        mp.bytes_on_device(state.opt_state, device)
+        memory_measure.bytes_on_device(state.opt_state, device)
 
 
 def test_collective_bytes_reads_array_and_tuple_results():
@@ -58,7 +58,7 @@ def test_fsdp_over_8_devices_divides_parameter_bytes_by_about_8():
 
 
 def _check_against_measurement(cfg, temp_tolerance, unused_argument_bytes):
-    measured = mp.measure(cfg)
+    measured = memory_measure.measure(cfg)
     xla = measured["plan"]["xla"]
     # Arguments: jit drops the arguments the program never reads, nothing else.
     assert measured["arguments"] - xla["arguments"] == unused_argument_bytes
@@ -104,11 +104,22 @@ def test_ppo_ptx_plan_agrees_with_the_measured_run_on_8_devices():
     (dict(model="tiny", batch_size=12), "multiple of --grad_accum_steps"),
     (dict(model="tiny", seq_len=4096), "--seq_len must be in"),
     (dict(model="tiny", task="ppo", seq_len=16, max_new_tokens=16), "must exceed --max_new_tokens"),
+    (dict(model="tiny", task="ppo", seq_len=80, algorithm="grpo"), "--group_size >= 2"),
+    (dict(model="tiny", task="ppo", seq_len=80, algorithm="rloo", group_size=3),
+     r"multiple of --group_size \(3\)"),
+    (dict(model="tiny", task="ppo", seq_len=80, algorithm="dpo"), "--algorithm must be one of"),
 ])
 def test_bad_input_is_a_clear_error(kwargs, message):
     fields = dict(devices=8, batch_size=8, seq_len=16) | kwargs
     with pytest.raises(ConfigError, match=message):
         mp.PlanConfig(**fields)
+
+
+def test_rl_algorithm_and_group_size_reach_the_ppo_config():
+    cfg = mp.PlanConfig(model="tiny", task="ppo", devices=8, batch_size=16, seq_len=80,
+                        algorithm="grpo", group_size=4)
+    ppo = cfg.ppo_config()
+    assert (ppo.algorithm, ppo.group_size, ppo.rollout_batch_size) == ("grpo", 4, 16)
 
 
 def test_more_devices_than_jax_has_is_a_clear_error():

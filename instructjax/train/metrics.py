@@ -45,6 +45,7 @@ KNOWN_PEAK_FLOPS = {
     "TPU v5 lite": 197e12,
     "TPU v5e": 197e12,
     "TPU v5p": 459e12,
+    "TPU v5": 459e12,  # how JAX names a v5p device
     "TPU v6 lite": 918e12,
     "NVIDIA H100 80GB HBM3": 989e12,
     "NVIDIA H200": 989e12,
