@@ -112,6 +112,20 @@ def test_behaviour_rates_on_hand_made_responses():
     assert empty["n"] == 0 and math.isnan(empty["rate"])
 
 
+def test_gold_decided_by_counts_each_deciding_term_once():
+    tasks = [_task("arith", "9", constraint="brackets"),   # both right; mine obeys
+             _task("arith", "9"),                          # mine wrong, theirs right
+             _task("qa", "Paris"),                         # the same wrong answer: a tie
+             _task("arith", "9")]                          # both wrong; mine not a number
+    mine = ["[9]", "7", "Rome.", "seven eight"]
+    theirs = ["9", "9", "Rome.", "7"]
+    got = em.gold_decided_by(tasks, mine, theirs)
+    assert got["constraint"] == {"wins": 1, "losses": 0}
+    assert got["correct"] == {"wins": 0, "losses": 1}
+    assert got["form"] == {"wins": 0, "losses": 1}
+    assert sum(v["wins"] + v["losses"] for v in got.values()) == 3
+
+
 # ----------------------------------------------------------------------------- few-shot
 
 @pytest.fixture(scope="module")

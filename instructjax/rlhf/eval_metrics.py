@@ -8,6 +8,7 @@
   rates         gold-judge behaviour rates: accuracy, instruction following, hallucination
                 (on unanswerable questions only), toxic outputs, refusals of harmful requests
   intervals     95% Wilson score intervals (and a percentile bootstrap for win rates)
+  decided by    the gold term that decides each prompt's comparison with the reference
   few-shot      the fixed demonstration prefix that prompts a base LM into answering
 """
 
@@ -95,6 +96,20 @@ def win_rate_by_constraint(tasks: Sequence[dict], outcomes: Sequence[float], *,
     for task, outcome in zip(tasks, outcomes, strict=True):
         split["constrained" if task.get("constraint") else "unconstrained"].append(outcome)
     return {name: win_rate(values, seed=seed) for name, values in split.items()}
+
+
+def gold_decided_by(tasks: Sequence[dict], responses: Sequence[str],
+                    reference: Sequence[str]) -> dict[str, dict[str, int]]:
+    """For each gold term (gold.TERMS order), on how many prompts it decides the gold
+    comparison with the reference's response in the model's favour ("wins") or against it
+    ("losses"): where a policy gains on its reference and where it pays for it."""
+    out = {term: {"wins": 0, "losses": 0} for term in gold.TERMS}
+    for task, mine, theirs in zip(tasks, responses, reference, strict=True):
+        term = gold.deciding_term(task, mine, theirs)
+        if term != "tie":
+            better = gold.gold_score(task, mine) > gold.gold_score(task, theirs)
+            out[term]["wins" if better else "losses"] += 1
+    return out
 
 
 def _rate(flags: Sequence[bool]) -> dict:

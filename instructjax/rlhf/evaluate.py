@@ -161,6 +161,8 @@ def evaluate_policies(workdirs: Mapping[str, str | Path], *, data_dir: str | Pat
         models[name]["win_rate"] = eval_metrics.win_rate(outcomes[name], seed=seed)
         models[name]["win_rate_by_constraint"] = eval_metrics.win_rate_by_constraint(
             tasks, outcomes[name], seed=seed)
+        models[name]["gold_decided_by"] = eval_metrics.gold_decided_by(
+            tasks, responses[name], responses[reference])
     settings = {"order": list(workdirs),  # eval.json sorts keys: the models' order is here
                 "num_prompts": len(tasks), "reference": reference, "temperature": temperature,
                 "max_new_tokens": max_new_tokens, "seed": seed, "stop": list(stop),
@@ -216,6 +218,12 @@ def format_table(results: dict, num_samples: int = 6) -> str:
                           for part, v in m["win_rate_by_constraint"].items() if v["n"])
         lines.append(f"  {name}: {w['wins']} wins, {w['ties']} ties, {w['losses']} losses; "
                      f"{split}")
+        decided = ", ".join(f"{term} {v['wins']}-{v['losses']}"
+                            for term, v in m.get("gold_decided_by", {}).items()
+                            if v["wins"] or v["losses"])
+        if decided and name != ref:
+            lines.append(f"  {name}: gold wins-losses against {ref} by the deciding term: "
+                         f"{decided}")
         if "few_shot" in m:
             f = m["few_shot"]
             lines.append(f"  {name}: prompted few-shot with {f['demonstrations']} of "
