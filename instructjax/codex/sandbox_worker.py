@@ -169,6 +169,13 @@ def _on_alarm(signum, frame):
     raise _Deadline()
 
 
+def _signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:  # a real-time signal has no name
+        return str(sig)
+
+
 class Worker:
     def __init__(self, spec):
         self.spec = spec
@@ -443,10 +450,3 @@ def worker_main():
 
 if __name__ == "__main__":
     worker_main()
-
-
-def _signal_name(sig: int) -> str:
-    try:
-        return signal.Signals(sig).name
-    except ValueError:  # a real-time signal has no name
-        return str(sig)
