@@ -268,6 +268,10 @@ def summarise(cfg: PlanConfig, program: Program, compiled, *, mesh,
                     + xla["generated code"])
     budget = int(cfg.device_memory_gib * GIB)
     costs = compiled.cost_analysis() if compiled is not None else None
+    hlo = compiled.as_text() if compiled is not None else ""
+    # XLA's cost analysis counts a loop's body once, not once per trip, so a program that
+    # loops (layers under scan, blockwise attention, decoding) reports a fraction of its FLOPs.
+    loops = bool(re.search(r"\bwhile\(", hlo))
     return {
         "config": dataclasses.asdict(cfg),
         "mesh": dict(mesh.shape),
@@ -275,8 +279,9 @@ def summarise(cfg: PlanConfig, program: Program, compiled, *, mesh,
         "state": {name: bytes_per_device(tree) for name, tree in program.groups.items()},
         "donated": bytes_per_device(program.donated),
         "xla": xla,
-        "collectives": collective_bytes(compiled.as_text()) if compiled is not None else None,
-        "flops_per_device": (costs or {}).get("flops"),  # SPMD: one device's program
+        "collectives": collective_bytes(hlo) if compiled is not None else None,
+        "flops_per_device": None if loops else (costs or {}).get("flops"),  # one device's
+        "has_loops": loops,
         "peak": peak,
         "device_memory": budget,
         "fits": peak is not None and peak <= budget,
@@ -331,7 +336,8 @@ def format_table(result: dict[str, Any]) -> str:
                  f"{c['device_memory_gib']:g} GiB per device" + (
                      f": the compiler refused it: {result['refused']}" if result["refused"] else ""))
     if result["collectives"]:
-        lines.append("  collectives in the program (summed results, not all live at once):")
+        lines.append("  collectives in the program (summed results, not all live at once"
+                     + ("; a loop's once, not per trip):" if result.get("has_loops") else "):"))
         for name, value in result["collectives"].items():
             row(name, value)
     seconds = result.get("seconds")

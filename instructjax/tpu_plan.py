@@ -155,17 +155,21 @@ def peak_for(device_kind: str, chip: Chip | None = None) -> float:
 def add_speed(result: dict[str, Any], cfg, peak_flops: float) -> dict[str, Any]:
     """Adds the ideal step time (compiled FLOPs per device / peak) and, for the train task,
     the MFU bound: model FLOPs (6N + attention per token) / compiled FLOPs of all devices,
-    what remat, the optimiser and the other non-model work leave at best."""
+    what remat, the optimiser and the other non-model work leave at best. A program with
+    loops has no compiled FLOPs (see memory_plan.summarise): its ideal step time is then the
+    model FLOPs' alone (100% MFU) and there is no bound."""
     flops = result.get("flops_per_device")
-    if not flops:
+    model_flops = (cfg.model_config().flops_per_token(cfg.seq_len) * cfg.batch_size * cfg.seq_len
+                   if cfg.task == "train" else None)
+    if not (flops or model_flops):
         return result
     speed: dict[str, Any] = {"peak_flops_per_device": peak_flops or None,
-                             "ideal_step_seconds": flops / peak_flops if peak_flops else None,
-                             "mfu_bound": None}
-    if cfg.task == "train":
-        model_flops = cfg.model_config().flops_per_token(cfg.seq_len) * cfg.batch_size * cfg.seq_len
-        speed["model_flops"] = model_flops
-        speed["mfu_bound"] = model_flops / (flops * cfg.devices)
+                             "model_flops": model_flops, "ideal_step_seconds": None,
+                             "ideal_from": "compiled FLOPs" if flops else "model FLOPs",
+                             "mfu_bound": model_flops / (flops * cfg.devices)
+                             if flops and model_flops else None}
+    if peak_flops:
+        speed["ideal_step_seconds"] = (flops or model_flops / cfg.devices) / peak_flops
     result["speed"] = speed
     return result
 
@@ -181,10 +185,15 @@ def format_speed(result: dict[str, Any]) -> str:
     if flops:
         lines.append(f"  compiled FLOPs per step: {flops:.4g} per device, "
                      f"{flops * result['config']['devices']:.4g} in all")
+    elif result.get("has_loops"):
+        lines.append("  compiled FLOPs: not counted (XLA's cost analysis counts a loop's body "
+                     "once, and this program loops over layers, attention blocks or tokens)")
     if speed.get("ideal_step_seconds"):
         bound = speed["mfu_bound"]
         lines.append(f"  ideal step time at peak: {speed['ideal_step_seconds']:.3g} s"
-                     + (f"; MFU bound (model / compiled FLOPs): {bound:.1%}" if bound else ""))
+                     + (f"; MFU bound (model / compiled FLOPs): {bound:.1%}" if bound else
+                        " (the model's FLOPs alone, 6N + attention per token: 100% MFU)"
+                        if speed["ideal_from"] == "model FLOPs" else ""))
     return "\n".join(lines)
 
 

@@ -57,6 +57,14 @@ def test_fsdp_over_8_devices_divides_parameter_bytes_by_about_8():
     assert plans[1] / 8 <= plans[8] <= plans[1] / 7
 
 
+def test_a_plan_with_loops_reports_no_compiled_flops():
+    # XLA counts a loop body once: a scanned step's FLOPs would be about 1/n_layers of them.
+    plain, scanned = (mp.plan(mp.PlanConfig(model="tiny", devices=2, batch_size=4, seq_len=16,
+                                            scan_layers=scan)) for scan in (False, True))
+    assert not plain["has_loops"] and plain["flops_per_device"] > 0
+    assert scanned["has_loops"] and scanned["flops_per_device"] is None
+
+
 def _check_against_measurement(cfg, temp_tolerance, unused_argument_bytes):
     measured = memory_measure.measure(cfg)
     xla = measured["plan"]["xla"]

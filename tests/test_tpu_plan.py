@@ -74,6 +74,11 @@ def test_ideal_step_time_and_mfu_bound_come_from_the_compiled_flops():
     model_flops = cfg.model_config().flops_per_token(64) * 8 * 64
     assert result["speed"]["ideal_step_seconds"] == pytest.approx(2e-3)
     assert result["speed"]["mfu_bound"] == pytest.approx(model_flops / (4 * 2e9))
+    # A program with loops has no compiled FLOPs: the ideal time is the model FLOPs' alone.
+    looped = tpu_plan.add_speed({"flops_per_device": None, "has_loops": True}, cfg, 1e12)
+    assert looped["speed"]["ideal_step_seconds"] == pytest.approx(model_flops / 4 / 1e12)
+    assert looped["speed"]["mfu_bound"] is None
+    assert "not counted" in tpu_plan.format_speed(looped)
     # v5p's devices call themselves "TPU v5"; the peak still comes from the one table.
     assert tpu_plan.peak_for("TPU v5") == tpu_plan.CHIPS["v5p"].peak_flops > 0
 
