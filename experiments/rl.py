@@ -69,6 +69,8 @@ flags.DEFINE_float("gamma", 1.0, "GAE discount.")
 flags.DEFINE_float("lam", 0.95, "GAE lambda.")
 flags.DEFINE_string("no_eos_penalty", "-1.0", "Score of responses without EOS within "
                     "--max_new_tokens; empty = keep the RM score.")
+flags.DEFINE_float("reference_logprob_coef", 0.0, "Adds this x the SFT (reference) policy's "
+                   "mean log-probability per response token to each response's score.")
 flags.DEFINE_float("gamma_ptx", 0.0, "Pretraining-loss weight (PPO-ptx); 0 = plain PPO.")
 flags.DEFINE_integer("ptx_batch_size", 8, "Pretraining rows per optimiser update (PPO-ptx).")
 flags.DEFINE_integer("ptx_seq_len", 128, "Tokens per pretraining row (PPO-ptx).")
@@ -124,7 +126,8 @@ def config_from_flags():
         vf_coef=FLAGS.vf_coef, entropy_coef=FLAGS.entropy_coef,
         init_kl_coef=FLAGS.init_kl_coef, kl_target=_optional_float("kl_target"),
         kl_horizon=FLAGS.kl_horizon, gamma=FLAGS.gamma, lam=FLAGS.lam,
-        no_eos_penalty=_optional_float("no_eos_penalty"), gamma_ptx=FLAGS.gamma_ptx,
+        no_eos_penalty=_optional_float("no_eos_penalty"),
+        reference_logprob_coef=FLAGS.reference_logprob_coef, gamma_ptx=FLAGS.gamma_ptx,
         ptx_batch_size=FLAGS.ptx_batch_size, ptx_seq_len=FLAGS.ptx_seq_len,
         compute_dtype=FLAGS.compute_dtype if FLAGS["compute_dtype"].present else "",
         remat=FLAGS.remat, seed=FLAGS.seed, log_every=FLAGS.log_every,

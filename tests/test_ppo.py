@@ -201,6 +201,18 @@ def test_rollout_scores_last_real_token_and_penalises_missing_eos():
     assert np.all(batch["response_mask_BxT"][:, :6] == 0)
     np.testing.assert_array_equal(batch["response_mask_BxT"][:, 6:], mask)
 
+    # The reference policy's mean log-probability per response token joins the score.
+    with_ref = dataclasses.replace(h.rollout_cfg, reference_logprob_coef=0.5)
+    _, stats_ref = jax.device_get(jax.jit(lambda *a: rollout.score_rollout(
+        *a, models=h.models, cfg=with_ref))(
+        params, frozen, prompt_BxP, prompt_mask_BxP, response_BxN, response_mask_BxN,
+        np.asarray(ended), beta))
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        ids, start = rows[i], len(prompt)
+        mean_ref = np.mean([ref_all[i][start + j - 1, ids[start + j]] for j in range(len(response))])
+        np.testing.assert_allclose(stats_ref["score_B"][i], stats["score_B"][i] + 0.5 * mean_ref,
+                                   rtol=1e-5, atol=1e-5)
+
 
 # ----------------------------------------------------------------------------- toy reward
 

@@ -103,6 +103,7 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     no_eos_penalty: float | None = -1.0
+    reference_logprob_coef: float = 0.0   # see rollout.RolloutConfig
     whiten_advantages: bool = True
     gamma_ptx: float = 0.0                # 0 = plain PPO
     ptx_batch_size: int = 8
@@ -202,7 +203,9 @@ class PPOConfig:
         return rollout_lib.RolloutConfig(
             max_new_tokens=self.max_new_tokens, eos_id=eos_id, pad_id=pad_id,
             temperature=self.temperature, top_p=self.top_p, gamma=self.gamma, lam=self.lam,
-            no_eos_penalty=self.no_eos_penalty, whiten_advantages=self.whiten_advantages,
+            no_eos_penalty=self.no_eos_penalty,
+            reference_logprob_coef=self.reference_logprob_coef,
+            whiten_advantages=self.whiten_advantages,
             vocab_limit=vocab_limit, advantages=self.algo.advantages,
             group_size=self.group_size, kl_in_reward=self.algo.kl_in_reward)
 

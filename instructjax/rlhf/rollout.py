@@ -50,7 +50,10 @@ class RolloutConfig:
     max_new_tokens (None: keep the RM score). gamma / lam: GAE. advantages: None = GAE with
     the value model; else an outcome estimator (reward_B, group_size) -> advantage_B over
     groups of group_size adjacent rows (algorithms.py). kl_in_reward: -beta * KL is part
-    of the reward (per token for GAE, summed over the response for outcome estimators)."""
+    of the reward (per token for GAE, summed over the response for outcome estimators).
+    reference_logprob_coef: adds this times the reference (SFT) policy's mean log-probability
+    per response token to the score: the SFT model's own judgement of form and fluency,
+    length-neutral (README: the demo's reward model is below chance there)."""
     max_new_tokens: int
     eos_id: int
     pad_id: int
@@ -64,6 +67,7 @@ class RolloutConfig:
     advantages: Callable | None = None
     group_size: int = 1
     kl_in_reward: bool = True
+    reference_logprob_coef: float = 0.0
 
     def __post_init__(self):
         if self.eos_id == self.pad_id:
@@ -144,7 +148,8 @@ def score_rollout(params, frozen, prompt_BxP, prompt_mask_BxP, response_BxN, res
                      full forward pass (not the sampler's), target-aligned
       old_values     align_to_targets(value model output)
       rewards        r_t = -beta (log pi_old - log pi_ref)_t + s * [t = last response token],
-                     s = RM score, or cfg.no_eos_penalty when the response has no EOS
+                     s = RM score (+ reference_logprob_coef * mean_t log pi_ref), or
+                     cfg.no_eos_penalty when the response has no EOS
       advantages     GAE(gamma, lam) over the response, whitened over all response tokens
       returns        GAE returns (value targets)
 
@@ -170,6 +175,9 @@ def score_rollout(params, frozen, prompt_BxP, prompt_mask_BxP, response_BxN, res
     score_B = models.score(frozen["reward"], tokens_BxT, positions_BxT, segment_ids_BxT,
                            response_mask_BxT).astype(jnp.float32)
     logp_BxN, ref_logp_BxN = logp_BxT[:, P:], ref_logp_BxT[:, P:]
+    if cfg.reference_logprob_coef:
+        score_B = score_B + cfg.reference_logprob_coef * rl_ops.masked_mean(
+            ref_logp_BxN, mask_BxN, axis=-1)
     reward_beta = beta if cfg.kl_in_reward else 0.0
     rewards_BxN, kl_B = rl_ops.per_token_rewards(score_B, logp_BxN, ref_logp_BxN, mask_BxN,
                                                  reward_beta, ended_B, cfg.no_eos_penalty)
