@@ -95,8 +95,7 @@ class PlanConfig:
         require(1 < self.seq_len <= model.max_len,
                 f"--seq_len must be in [2, {model.max_len}] (the max_len of {self.model}), "
                 f"got {self.seq_len}")
-        dp = math.prod(parallel.parse_mesh_spec(self.mesh, self.devices)[a]
-                       for a in ("data", "fsdp"))
+        dp = self.data_parallel_size
         if self.task == "train":
             require(self.batch_size % (self.grad_accum_steps * dp) == 0,
                     f"--batch_size ({self.batch_size}) must be a multiple of --grad_accum_steps "
@@ -115,6 +114,12 @@ class PlanConfig:
                     f"--ppo_epochs x --num_minibatches = {rows}) must be a multiple of the "
                     f"data-parallel size {dp}")
             self.ppo_config()  # PPOConfig checks the rest (minibatch / accumulation sizes)
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Devices that split the batch: the mesh's data x fsdp axes."""
+        return math.prod(parallel.parse_mesh_spec(self.mesh, self.devices)[a]
+                         for a in ("data", "fsdp"))
 
     def model_config(self) -> model_config.ModelConfig:
         return model_config.preset(self.model, remat=self.remat, compute_dtype=self.compute_dtype,

@@ -200,7 +200,7 @@ def format_speed(result: dict[str, Any]) -> str:
 def batch_unit(cfg) -> int:
     """The smallest valid batch_size for cfg; its multiples are the valid ones (every rule
     on the batch is divisibility by the data-parallel size, accumulation, minibatches...)."""
-    dp = math.prod(parallel.parse_mesh_spec(cfg.mesh, cfg.devices)[a] for a in ("data", "fsdp"))
+    dp = cfg.data_parallel_size
     for unit in range(dp, dp * 4096 + 1, dp):
         try:
             dataclasses.replace(cfg, batch_size=unit)
@@ -216,7 +216,7 @@ def find_max_batch(cfg, plan_fn: Callable[[Any], dict], *, max_units: int = 4096
     one does not fit, then bisection. plan_fn(cfg) -> a plan with 'fits'. Each probe is a
     compile, so this costs about log2(answer) + a few compiles."""
     unit = batch_unit(cfg)
-    dp = math.prod(parallel.parse_mesh_spec(cfg.mesh, cfg.devices)[a] for a in ("data", "fsdp"))
+    dp = cfg.data_parallel_size
     probes: list[dict] = []
 
     def fits(k: int) -> bool:
