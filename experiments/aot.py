@@ -29,6 +29,7 @@ import json
 from absl import app, flags
 
 from experiments.errors import user_facing
+from instructjax.model.config import ATTENTION_IMPLS, REMAT_POLICIES  # no JAX import
 
 FLAGS = flags.FLAGS
 
@@ -66,9 +67,9 @@ flags.DEFINE_string("out", "", "Also write the plan as JSON here (atomically).")
 flags.DEFINE_bool("measure", False, "Also run the step once and measure (small presets only).")
 # The model's memory levers (instructjax/model/config.py).
 flags.DEFINE_bool("scan_layers", False, "Blocks as one scan over stacked layer params.")
-flags.DEFINE_enum("attention_impl", "plain", ["plain", "blockwise", "xla", "cudnn"],
+flags.DEFINE_enum("attention_impl", "plain", list(ATTENTION_IMPLS),
                   "plain: T x S scores; blockwise: flash-style, never stores them.")
-flags.DEFINE_enum("remat_policy", "", ["", "none", "full", "save_dots", "save_projections"],
+flags.DEFINE_enum("remat_policy", "", ["", *REMAT_POLICIES],
                   "What a rematerialised block saves; empty: --remat decides (full / none).")
 flags.mark_flags_as_required(["model", "batch_size", "seq_len"])
 

@@ -28,7 +28,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("plain", "blockwise", "xla", "cudnn")
+from instructjax.model.config import ATTENTION_IMPLS
+
 MASK_VALUE = -1e9  # finite, so fully masked rows (pad queries) give no NaN
 
 
@@ -44,8 +45,8 @@ def attend(q_BxTxKxGxF, k_BxKxSxF, v_BxKxSxF, segment_q_BxT, segment_k_BxS, q_of
     """out_BxTxKxGxF in q's dtype. `q_offset`: the slot of the first query (0 without a
     cache, the cache index when decoding); an int or a traced int32 scalar.
     `in_layer_scan`: called inside a scan over layers (cfg.scan_layers)."""
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"attention impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     segment_q_BxT = segment_q_BxT.astype(jnp.int32)
     segment_k_BxS = segment_k_BxS.astype(jnp.int32)
     q_offset = jnp.asarray(q_offset, jnp.int32)
