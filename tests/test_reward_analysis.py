@@ -177,6 +177,7 @@ def test_analyse_end_to_end(runs):
     assert gold_wins[1] >= gold_wins[0]
     report = reward_analysis.format_report(result)
     assert "no_answers" in report and "n=3" in report
+    assert result["probes"]["foreign wrapper"]["edits"] > 0 and "foreign wrapper" in report
     json.dumps(result)
 
 

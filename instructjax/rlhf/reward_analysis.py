@@ -1,6 +1,6 @@
 """Where a reward model stands against the labelers it imitates, on the embedded world.
 
-Two measurements, both on held-out prompts and held-out labelers:
+Three measurements, on held-out prompts and held-out labelers:
 
   pairs      pairwise accuracy by task kind on the held-out comparisons (distinct response
              pairs; a tie scores half) of the reward model, of the policy's own
@@ -15,6 +15,8 @@ Two measurements, both on held-out prompts and held-out labelers:
              the gold score, or the answer-blind gold score) likes best: what the reward
              model can buy without any training, and what a perfect or an answer-blind
              judge could.
+  probes     the reward model's, the likelihood's and the gold judge's change of score when
+             the policy's evaluation samples are edited the way RL drifts (reward_probes).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from instructjax.data.comparisons import ranks, read_comparisons
 from instructjax.data.jsonl import read_jsonl
 from instructjax.data.world import gold, labelers as labelers_lib
 from instructjax.losses import make_apply, token_log_probs
-from instructjax.rlhf import eval_metrics
+from instructjax.rlhf import eval_metrics, reward_probes
 from instructjax.rlhf.evaluate import labeler_noise
 from instructjax.rlhf.generate import generate
 from instructjax.sampling import SamplingConfig
@@ -213,7 +215,7 @@ def _held_out(data_dir: Path) -> tuple[list[dict], list[dict], list[dict]]:
 def analyse(*, data_dir: str | Path, policy_dir: str | Path, reward_dir: str | Path, mesh,
             best_of: int = 8, temperature: float = 1.0, max_new_tokens: int = 32,
             seq_len: int = 192, seed: int = 0, num_prompts: int = 0) -> dict:
-    """Both measurements (module docstring) for the world in data_dir (prompts, held-out
+    """The measurements (module docstring) for the world in data_dir (prompts, held-out
     comparisons and their stats), the policy that wrote the comparisons and its reward
     model. Sampling settings and seed are the evaluation's, so the reference responses
     are the policy's own evaluation samples. JSON-serialisable."""
@@ -248,6 +250,9 @@ def analyse(*, data_dir: str | Path, policy_dir: str | Path, reward_dir: str | P
     for name in ("gold", "no_answers"):  # a perfect judge, and one blind to the answers
         pickers[name] = np.array([[JUDGES[name](t, r) for t, r in zip(tasks, c)]
                                   for c in candidates])
+    probes = reward_probes.run_probes(tasks, reference, {
+        name: functools.partial(scorer, model, mesh=mesh, seq_len=seq_len)
+        for name, (scorer, model) in learnt.items()})
     noise_scale, label_seed, _ = labeler_noise(data_dir)
     pool = labelers_lib.heldout_labelers(seed=label_seed, noise_scale=noise_scale)
     ns = sorted({n for n in (1, 2, 4, 8, 16, 32) if n < best_of} | {best_of})
@@ -256,6 +261,7 @@ def analyse(*, data_dir: str | Path, policy_dir: str | Path, reward_dir: str | P
             "labeler_agreement": stats["eval"]["labeler_agreement"],
             "best_of_n": best_of_n(tasks, candidates, reference, pickers, pool, ns=ns,
                                    seed=seed),
+            "probes": probes,
             "policy": str(policy_dir), "reward_model": str(reward_dir),
             "temperature": temperature, "prompts": len(tasks)}
 
@@ -291,4 +297,9 @@ def format_report(result: dict) -> str:
     for name, row in bon.items():
         lines.append(f"{name:16s} " + " ".join(
             f"{row[n]['win_rate']:7.3f} ({row[n]['accuracy']:.2f})" for n in ns))
+    if result.get("probes"):
+        lines += ["", f"Probes: edits of the {result['policy']} evaluation samples; mean change "
+                  "of each judge's score (share of edits it scores higher)"]
+        lines += reward_probes.format_probes(result["probes"],
+                                             ["reward_model", "policy_loglik", "gold"])
     return "\n".join(lines)
