@@ -105,7 +105,10 @@ class _ListIterator:
         self.pos = state["pos"]
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+# log_every=100: metrics are fetched one step late, so step 3's NaN is found after step 4
+# is dispatched, and still before step 4's checkpoint.
+@pytest.mark.parametrize("log_every,poisoned_step", [(1, 4), (100, 3)])
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, log_every, poisoned_step):
     cfg = preset("tiny", vocab_size=VOCAB, max_len=SEQ)
     model = Transformer(cfg)
     mesh = parallel.make_mesh("data:1,fsdp:8,tensor:1")
@@ -116,11 +119,13 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
                                     tx=tx, schedule=state_lib.make_schedule(optim, 10), mesh=mesh,
                                     state_shardings=shardings)
     batches = [_batch(i) for i in range(4)]
-    poisoned = dict(batches[3], loss_mask=np.full((BATCH, SEQ), np.nan, np.float32))
-    batches[3] = poisoned
+    batches[poisoned_step - 1] = dict(batches[poisoned_step - 1],
+                                      loss_mask=np.full((BATCH, SEQ), np.nan, np.float32))
     ckpt = ckpt_lib.Checkpointer(tmp_path / "ckpt")
-    train_cfg = TrainConfig(steps=4, batch_size=BATCH, seq_len=SEQ, checkpoint_every=2, log_every=1)
-    with pytest.raises(loop.NonFiniteLossError, match=r"step 4: training loss is nan.*step 2"):
+    train_cfg = TrainConfig(steps=4, batch_size=BATCH, seq_len=SEQ, checkpoint_every=2,
+                            log_every=log_every)
+    with pytest.raises(loop.NonFiniteLossError,
+                       match=rf"step {poisoned_step}: training loss is nan.*step 2"):
         loop.train_loop(state, cfg=train_cfg, train_step=step, base_rng=jax.random.key(0),
                         data_iter=_ListIterator(batches), mesh=mesh, checkpointer=ckpt,
                         writer=MetricsWriter(tmp_path, total_steps=4))

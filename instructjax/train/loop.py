@@ -93,6 +93,30 @@ def train_loop(state, *, cfg: TrainConfig, train_step: Callable, base_rng: jax.A
     peak = peak_flops_per_device(cfg.peak_flops_per_device) * jax.device_count()
     window = MetricSums()
     window_start, window_steps = time.time(), 0
+    pending = None  # (step, metrics on device) of the last step, fetched one step late
+
+    def settle():
+        """Fetches the pending step's metrics and stops on a non-finite loss. Called after
+        the next step is dispatched, so the host never waits for an idle device; at most
+        two steps are in flight (CPU collectives deadlock with unbounded queues), and
+        before every log line and save, so nothing is saved after a non-finite loss."""
+        nonlocal pending, window_steps
+        if pending is None:
+            return
+        (at, metrics), pending = pending, None
+        metrics = jax.device_get(metrics)
+        loss = reduce_metrics({"loss": metrics["loss"]})["loss"]
+        if not math.isfinite(loss):
+            last = checkpointer.latest_step()
+            kept = ("no checkpoint had been saved yet" if last is None else
+                    f"the last good checkpoint (step {last}) in {checkpointer.directory} "
+                    "is intact")
+            raise NonFiniteLossError(
+                f"step {at}: training loss is {loss}. Stopped without saving; {kept}. Try "
+                "a lower --learning_rate, more --warmup_steps or --grad_clip_norm.")
+        window.add(metrics)
+        window_steps += 1
+
     try:
         while step < cfg.steps:
             try:
@@ -102,20 +126,12 @@ def train_loop(state, *, cfg: TrainConfig, train_step: Callable, base_rng: jax.A
                                    "or fewer --steps (the pipeline repeats unless num_epochs is set)")
             state, metrics = train_step(state, parallel.global_batch(local, mesh), base_rng)
             step += 1
-            # Fetching scalars each step syncs the host; it bounds in-flight steps (CPU
-            # collectives deadlock otherwise) and checks finiteness before any save.
-            metrics = jax.device_get(metrics)
-            loss = reduce_metrics({"loss": metrics["loss"]})["loss"]
-            if not math.isfinite(loss):
-                last = checkpointer.latest_step()
-                kept = ("no checkpoint had been saved yet" if last is None else
-                        f"the last good checkpoint (step {last}) in {checkpointer.directory} "
-                        "is intact")
-                raise NonFiniteLossError(
-                    f"step {step}: training loss is {loss}. Stopped without saving; {kept}. Try "
-                    "a lower --learning_rate, more --warmup_steps or --grad_clip_norm.")
-            window.add(metrics)
-            window_steps += 1
+            settle()  # the previous step's, while this one runs
+            pending = (step, metrics)
+            stopping = stop.check(step)
+            is_checkpoint = step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping
+            if is_checkpoint or step % cfg.log_every == 0:
+                settle()
 
             if step % cfg.log_every == 0 or step == cfg.steps:
                 elapsed = max(time.time() - window_start, 1e-9)
@@ -138,8 +154,7 @@ def train_loop(state, *, cfg: TrainConfig, train_step: Callable, base_rng: jax.A
                 writer.progress(step, eval_metrics)
                 window_start = time.time()  # do not count eval time as training time
 
-            stopping = stop.check(step)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
+            if is_checkpoint:
                 checkpointer.save(step, state, {"data_iter": data_iter.get_state()})
                 window_start = time.time()
             if stopping and step < cfg.steps:
