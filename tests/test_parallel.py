@@ -1,4 +1,5 @@
-"""Mesh parsing, the logical-axis rules, and a scanned model sharded by them."""
+"""Mesh parsing, the logical-axis rules, a scanned model sharded by them, and the
+projection whose weight gradient leaves in the weight's sharding."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from instructjax import parallel
 from instructjax.model.config import preset
-from instructjax.model.transformer import Transformer
+from instructjax.model.transformer import Transformer, project
 
 
 def test_parse_mesh_spec():
@@ -83,3 +84,40 @@ def test_scanned_blockwise_model_is_the_same_on_a_two_device_mesh(spec):
     np.testing.assert_allclose(sharded_loss, ref_loss, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  grads, ref_grads)
+
+
+@pytest.mark.parametrize("names, x_shape", [(("embed", "mlp"), (4, 5, 8)),
+                                            (("heads", "head_dim", "embed"), (4, 5, 2, 4))])
+def test_projection_gradient_is_autodiffs_and_leaves_in_the_kernels_sharding(names, x_shape):
+    """transformer.project (every Projection and the MLP / lm_head kernels) returns the kernel's
+    gradient constrained to the kernel's own sharding, tied to the input's gradient so XLA
+    reduces it at once: the same values and gradients as plain autodiff, bit for bit on one
+    device, and equal on a 2-device FSDP mesh."""
+    n_in = len(x_shape) - 2
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.bfloat16)
+    kernel = jnp.asarray(rng.normal(size=(*x_shape[2:], 6)), jnp.float32)
+
+    def loss(matmul):
+        return lambda x, k: jnp.sum(jnp.sin(matmul(x, k).astype(jnp.float32)))
+
+    plain = loss(lambda x, k: jnp.tensordot(x, k.astype(jnp.bfloat16), axes=n_in))
+    custom = loss(lambda x, k: project(x, k, jnp.dtype(jnp.bfloat16), names, n_in))
+    ref = jax.jit(jax.value_and_grad(plain, argnums=(0, 1)))(x, kernel)
+    jax.tree.map(np.testing.assert_array_equal,
+                 jax.jit(jax.value_and_grad(custom, argnums=(0, 1)))(x, kernel), ref)
+    assert "optimization_barrier" in str(jax.make_jaxpr(jax.grad(custom, argnums=1))(x, kernel))
+
+    mesh = parallel.make_mesh("data:1,fsdp:2,tensor:1", jax.devices()[:2])
+    k_sharding = jax.sharding.NamedSharding(
+        mesh, nn.logical_to_mesh_axes(names, parallel.LOGICAL_RULES))
+    assert k_sharding.spec[names.index("embed")] == "fsdp"
+    step = parallel.ShardedJit(jax.value_and_grad(custom, argnums=(0, 1)), mesh,
+                               in_shardings=(parallel.batch_sharding(mesh), k_sharding),
+                               out_shardings=(parallel.replicated(mesh),
+                                              (parallel.batch_sharding(mesh), k_sharding)))
+    value, grads = step(x, kernel)
+    np.testing.assert_allclose(value, ref[0], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float32),
+                                                         np.asarray(b, np.float32), rtol=1e-2,
+                                                         atol=1e-2), grads, ref[1])

@@ -21,6 +21,7 @@ norms, softmax, logits and scalar outputs are float32.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -79,6 +80,33 @@ def rope(x_BxTxNxF, positions_BxT, theta: float):
     return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x_BxTxNxF.dtype)
 
 
+def _matmul(x, kernel, dtype, n_in):
+    return jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=n_in)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def project(x, kernel, dtype, names, n_in):
+    """x[..., *in] @ kernel[*in, *out] in `dtype`; the same values and gradients as autodiff.
+    The backward pass hands the kernel's gradient back in the kernel's own sharding (logical
+    `names`) before x's gradient may leave: under FSDP every device holds a partial sum of the
+    full-size gradient, and XLA otherwise keeps it (and its reduction) live while the
+    backward pass moves on, e.g. the 32000 x 4096 lm_head gradient through every layer."""
+    return _matmul(x, kernel, dtype, n_in)
+
+
+def _project_fwd(x, kernel, dtype, names, n_in):
+    return _matmul(x, kernel, dtype, n_in), (x, kernel)
+
+
+def _project_bwd(dtype, names, n_in, residuals, g):
+    _, pullback = jax.vjp(lambda x, k: _matmul(x, k, dtype, n_in), *residuals)
+    dx, dkernel = pullback(g)
+    return jax.lax.optimization_barrier((dx, _constrain(dkernel, names)))
+
+
+project.defvjp(_project_fwd, _project_bwd)
+
+
 class Projection(nn.Module):
     """x[..., *in] @ kernel[*in, *out] (+ bias[*out]); the kernel keeps its full shape so its
     logical names apply to it as created (flax's DenseGeneral initialises a flattened one)."""
@@ -93,7 +121,7 @@ class Projection(nn.Module):
         n_in = len(self.names) - len(self.out_shape)
         shape = (*x.shape[-n_in:], *self.out_shape)
         kernel = self.param("kernel", _init(nn.initializers.normal(self.init_std), self.names), shape)
-        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n_in)
+        y = project(x, kernel, jnp.dtype(self.dtype), self.names, n_in)
         if self.use_bias:
             bias = self.param("bias", _init(nn.initializers.zeros, self.names[n_in:]), self.out_shape)
             y = y + bias.astype(self.dtype)
@@ -158,9 +186,7 @@ class MLP(nn.Module):
         std, out_std = 0.02, 0.02 / (2 * cfg.n_layers) ** 0.5
 
         def dense(name, features, names, init_std):
-            return nn.Dense(features, use_bias=bias, dtype=dtype, name=name,
-                            kernel_init=_init(nn.initializers.normal(init_std), names),
-                            bias_init=_init(nn.initializers.zeros, names[1:]))
+            return Projection((features,), names, bias, init_std, dtype, name=name)
 
         if cfg.family == "gpt2":
             h_BxTxM = nn.gelu(dense("fc_in", cfg.d_ff, ("embed", "mlp"), std)(x_BxTxD), approximate=True)
@@ -278,9 +304,8 @@ class Transformer(nn.Module):
         elif cfg.tie_embeddings:
             out = embed.attend(h_BxTxD).astype(jnp.float32)
         else:
-            out = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, name="lm_head",
-                           kernel_init=_init(nn.initializers.normal(0.02), ("embed", "vocab")))(
-                               h_BxTxD).astype(jnp.float32)
+            out = Projection((cfg.vocab_size,), ("embed", "vocab"), False, 0.02, dtype,
+                             name="lm_head")(h_BxTxD).astype(jnp.float32)
         if self.head == "lm":
             out = _constrain(out, ("batch", "length", "act_vocab"))
         if cache is None:
