@@ -89,17 +89,21 @@ def run_probes(tasks: Sequence[dict], responses: Sequence[str],
     """{probe: {'edits': n, judge: {'mean_change', 'higher'}}} for each learnt scorer
     (name -> f(prompts, responses) -> scores) and the gold score. 'higher' counts a tie
     as half."""
+    def learnt(score):
+        return lambda idx, texts: np.asarray(score([tasks[i]["prompt"] for i in idx], texts))
+
+    judges = {name: learnt(score) for name, score in scorers.items()}
+    judges["gold"] = lambda idx, texts: np.array([gold.gold_score(tasks[i], x)
+                                                  for i, x in zip(idx, texts)])
+    before = {name: judge(range(len(tasks)), list(responses)) for name, judge in judges.items()}
     out = {}
     for name, pairs in probe_pairs(tasks, responses).items():
         if not pairs:
             continue
         idx = [i for i, _ in pairs]
-        prompts = [tasks[i]["prompt"] for i in idx]
-        before, after = [responses[i] for i in idx], [e for _, e in pairs]
-        changes = {judge: np.subtract(score(prompts, after), score(prompts, before))
-                   for judge, score in scorers.items()}
-        changes["gold"] = np.array([gold.gold_score(tasks[i], e) - gold.gold_score(tasks[i], r)
-                                    for i, e, r in zip(idx, after, before)])
+        after = [e for _, e in pairs]
+        changes = {judge: score(idx, after) - before[judge][idx]
+                   for judge, score in judges.items()}
         out[name] = {"edits": len(pairs), **{
             judge: {"mean_change": float(d.mean()),
                     "higher": float(np.mean((d > 0) + 0.5 * (d == 0)))}
