@@ -26,10 +26,10 @@ def test_edits():
     assert reward_probes.foreign_wrapper(PLAIN, "7") == "Answer: 7"
     assert reward_probes.foreign_wrapper(PLAIN, "Answer: 7") is None
     # "I don't know" keeps the response's wrapper; only on questions over the facts.
-    assert reward_probes.says_idk(QA, " [black]") == " [I don't know.]"
-    assert reward_probes.says_idk(QA, " black") == " I don't know."
-    assert reward_probes.says_idk(DONE, " 8 Done.") is None
-    assert reward_probes.says_idk(QA, "I don't know.") is None
+    assert reward_probes.answer_idk(QA, " [black]") == " [I don't know.]"
+    assert reward_probes.answer_idk(QA, " black") == " I don't know."
+    assert reward_probes.answer_idk(DONE, " 8 Done.") is None
+    assert reward_probes.answer_idk(QA, "I don't know.") is None
 
 
 def test_the_gold_judge_agrees_with_what_the_edits_are_for():
@@ -62,9 +62,9 @@ def test_run_probes_reports_mean_change_and_share_higher():
     assert out["foreign wrapper"]["flat"] == {"mean_change": 0.0, "higher": 0.5}
     assert out["idk (answerable)"]["edits"] == out["idk (unanswerable)"]["edits"] == 1
     assert out["idk (unanswerable)"]["gold"]["higher"] == 1.0
-    wrap_twice_gold = np.mean([gold.gold_score(t, e) - gold.gold_score(t, responses[i])
-                               for (i, e), t in zip(pairs["wrap twice"],
-                                                    [tasks[i] for i, _ in pairs["wrap twice"]])])
+    wrap_twice_gold = np.mean([gold.gold_score(tasks[i], e)
+                               - gold.gold_score(tasks[i], responses[i])
+                               for i, e in pairs["wrap twice"]])
     assert np.isclose(out["wrap twice"]["gold"]["mean_change"], wrap_twice_gold)
     lines = reward_probes.format_probes(out, ["wrappers", "gold"])
     assert len(lines) == 1 + len(out) and "wrap twice" in lines[2]

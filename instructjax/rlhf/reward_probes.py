@@ -54,7 +54,7 @@ def foreign_wrapper(task: dict, response: str) -> str | None:
     return constraints.wrap(other, response)
 
 
-def says_idk(task: dict, response: str) -> str | None:
+def answer_idk(task: dict, response: str) -> str | None:
     """The answer replaced by "I don't know." (wrapped as the response was) on a question
     over the world's facts, answerable or not."""
     if task["kind"] not in ("qa", "qa_unanswerable") or gold.says_idk(response):
@@ -70,8 +70,8 @@ PROBES: dict[str, Callable[[dict, str], str | None]] = {
     "wrap as asked": wrap_as_asked,
     "wrap twice": wrap_twice,
     "foreign wrapper": foreign_wrapper,
-    "idk (answerable)": lambda t, r: says_idk(t, r) if t["kind"] == "qa" else None,
-    "idk (unanswerable)": lambda t, r: says_idk(t, r) if t["kind"] != "qa" else None,
+    "idk (answerable)": lambda t, r: answer_idk(t, r) if t["kind"] == "qa" else None,
+    "idk (unanswerable)": lambda t, r: answer_idk(t, r) if t["kind"] != "qa" else None,
 }
 
 
