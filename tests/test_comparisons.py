@@ -1,6 +1,7 @@
 """Simulated labelers (agreement calibration, disjoint pools, determinism), the comparison
 format (native, generic pairwise, HH-RLHF), the "comparison" tfds kind and
 comparison_batches for the reward model."""
+import dataclasses
 import json
 import random
 import re
@@ -18,7 +19,8 @@ from instructjax.data.tokenizer import train_tokenizer
 from instructjax.data.world import World, gold_score, make_tasks
 from instructjax.data.world.labelers import (agreement, compare, gold_agreement,
                                              gold_response, heldout_labelers,
-                                             label_comparisons, perturbed_responses, rank,
+                                             label_comparisons, mean_pool_agreement,
+                                             perturbed_responses, rank,
                                              training_labelers)
 
 
@@ -44,6 +46,28 @@ def test_training_labelers_agree_about_73_percent(world_sets):
     # Another pair of training labelers, and a held-out vs a training labeler, too.
     assert 0.68 <= agreement(train[2], train[5], tasks, sets) <= 0.78
     assert 0.68 <= agreement(held[0], train[3], tasks, sets) <= 0.78
+
+
+def test_agreement_is_the_share_of_pairs_two_rankings_order_alike(world_sets):
+    """The vectorised count against the definition: each labeler's `rank` of each set,
+    identical texts left out, ties in score (noiseless labelers) ranked as `rank` does."""
+    tasks, sets = world_sets[0][:80], world_sets[1][:80]
+    a, b, c = training_labelers()[:3]
+    quiet = dataclasses.replace(a, beta=0.0)
+    for x, y in ((a, b), (quiet, b), (quiet, dataclasses.replace(b, beta=0.0, taste=()))):
+        same = total = 0
+        for task, responses in zip(tasks, sets):
+            px, py = ({r: place for place, r in enumerate(rank(task, responses, lab))}
+                      for lab in (x, y))
+            for i in range(len(responses)):
+                for j in range(i + 1, len(responses)):
+                    if responses[i] != responses[j]:
+                        same += (px[i] < px[j]) == (py[i] < py[j])
+                        total += 1
+        assert agreement(x, y, tasks, sets) == pytest.approx(same / total, abs=1e-12)
+    pool = [a, b, c]
+    pairs = [agreement(p, q, tasks, sets) for p, q in ((a, b), (a, c), (b, c))]
+    assert mean_pool_agreement(pool, tasks, sets) == pytest.approx(np.mean(pairs), abs=1e-12)
 
 
 def test_pools_disjoint_and_deterministic():

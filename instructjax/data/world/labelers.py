@@ -45,6 +45,8 @@ import random
 import re
 from collections.abc import Sequence
 
+import numpy as np
+
 from instructjax.data.world import constraints
 from instructjax.data.world.facts import COUNTRIES, TOXIC_WORDS, WORDS
 from instructjax.data.world.gold import gold_score, is_refusal, normalise, says_idk
@@ -172,19 +174,56 @@ def agreement(labeler_a: Labeler, labeler_b: Labeler, tasks: Sequence[dict],
     """The fraction of response pairs (all pairs within each set, pooled) that the two
     labelers order the same way. Pairs of identical texts are left out: there is no
     preference to agree on (sampled sets repeat short answers often)."""
-    same = total = 0
-    for task, responses in zip(tasks, response_sets, strict=True):
-        pa = _orders(rank(task, responses, labeler_a))
-        pb = _orders(rank(task, responses, labeler_b))
-        for i in range(len(responses)):
-            for j in range(i + 1, len(responses)):
-                if responses[i] == responses[j]:
-                    continue
-                same += (pa[i] < pa[j]) == (pb[i] < pb[j])
-                total += 1
-    if total == 0:
-        raise ValueError("agreement needs at least one set with two responses")
-    return same / total
+    return float(_pairwise_agreement(_preferences([labeler_a, labeler_b], tasks,
+                                                  response_sets))[0, 1])
+
+
+def _distinct_pairs(response_sets: Sequence[Sequence[str]]):
+    """(left, right): flat indices of every pair of different texts within a set, left first."""
+    left, right, offset = [], [], 0
+    for responses in response_sets:
+        i, j = np.triu_indices(len(responses), 1)
+        distinct = np.asarray([responses[a] != responses[b] for a, b in zip(i, j)], bool)
+        left.append(i[distinct] + offset)
+        right.append(j[distinct] + offset)
+        offset += len(responses)
+    if not offset or not sum(map(len, left)):
+        raise ValueError("agreement needs at least one set with two different responses")
+    return np.concatenate(left), np.concatenate(right)
+
+
+def _score_parts(pool: Sequence[Labeler], tasks: Sequence[dict],
+                 response_sets: Sequence[Sequence[str]]):
+    """([labelers, responses] scores without noise, [labelers, responses] noise): exactly
+    labeler_score's two parts, with the gold score and features computed once per response
+    (not once per labeler and pair of labelers)."""
+    flat = [(t, r, o) for t, rs in zip(tasks, response_sets, strict=True)
+            for r, o in _occurrences(rs)]
+    gold = np.asarray([gold_score(t, r) for t, r, _ in flat])
+    feats = [_features(r) for _, r, _ in flat]
+    kinds = [t["kind"] for t, _, _ in flat]
+    base = np.asarray([gold + np.asarray([sum(w * f[name] for k, name, w in labeler.taste
+                                              if k == kind) for f, kind in zip(feats, kinds)])
+                       for labeler in pool])
+    noise = np.asarray([[labeler.beta * _gumbel(labeler, _task_key(t), r, o) if labeler.beta
+                         else 0.0 for t, r, o in flat] for labeler in pool])
+    return base, noise
+
+
+def _preferences(pool: Sequence[Labeler], tasks: Sequence[dict],
+                 response_sets: Sequence[Sequence[str]]):
+    """[labelers, distinct pairs] bool: whether each labeler ranks the pair's left response
+    first (as `rank` does: ties go to the earlier response)."""
+    base, noise = _score_parts(pool, tasks, response_sets)
+    left, right = _distinct_pairs(response_sets)
+    scores = base + noise
+    return scores[:, left] >= scores[:, right]
+
+
+def _pairwise_agreement(preferences):
+    """[labelers, labelers]: the share of pairs each two labelers order alike."""
+    p = preferences.astype(np.float64)
+    return (p @ p.T + (1 - p) @ (1 - p).T) / p.shape[1]
 
 
 def gold_agreement(labeler: Labeler, tasks: Sequence[dict],
@@ -323,9 +362,10 @@ def label_comparisons(tasks: Sequence[dict], response_sets: Sequence[Sequence[st
 def mean_pool_agreement(pool: Sequence[Labeler], tasks: Sequence[dict],
                         response_sets: Sequence[Sequence[str]]) -> float:
     """The mean of `agreement` over all pairs of different labelers in the pool."""
-    values = [agreement(a, b, tasks, response_sets)
-              for i, a in enumerate(pool) for b in pool[i + 1:]]
-    return sum(values) / len(values)
+    if len(pool) < 2:
+        raise ValueError("agreement within a pool needs at least two labelers")
+    matrix = _pairwise_agreement(_preferences(pool, tasks, response_sets))
+    return float(matrix[np.triu_indices(len(pool), 1)].mean())
 
 
 def calibrate_noise(tasks: Sequence[dict], response_sets: Sequence[Sequence[str]], *,
@@ -336,31 +376,14 @@ def calibrate_noise(tasks: Sequence[dict], response_sets: Sequence[Sequence[str]
 
     A labeler's seed, taste and relative noise factor do not depend on the scale, so the
     noiseless scores and the Gumbel draws are computed once and each step only rescales."""
-    import numpy as np
     pool = training_labelers(n_labelers, seed=seed, noise_scale=1.0)
-    base, gumbel, left, right = [], [], [], []
-    offset = 0
-    for task, responses in zip(tasks, response_sets, strict=True):
-        k = len(responses)
-        i, j = np.triu_indices(k, 1)
-        distinct = np.asarray([responses[a] != responses[b] for a, b in zip(i, j)], bool)
-        left.append(i[distinct] + offset)  # as in `agreement`: identical texts are no pair
-        right.append(j[distinct] + offset)
-        offset += k
-    left, right = np.concatenate(left), np.concatenate(right)
-    for labeler in pool:
-        quiet = dataclasses.replace(labeler, beta=0.0)
-        base.append([s for t, rs in zip(tasks, response_sets) for s in _scores(t, rs, quiet)])
-        gumbel.append([labeler.beta * _gumbel(labeler, _task_key(t), r, o)
-                       for t, rs in zip(tasks, response_sets) for r, o in _occurrences(rs)])
-    base, gumbel = np.asarray(base), np.asarray(gumbel)
+    base, noise = _score_parts(pool, tasks, response_sets)
+    left, right = _distinct_pairs(response_sets)
+    upper = np.triu_indices(len(pool), 1)
 
     def mean_agreement(scale: float) -> float:
-        scores = base + scale * gumbel
-        order = scores[:, left] > scores[:, right]  # [labelers, pairs]
-        values = [np.mean(order[a] == order[b])
-                  for a in range(len(pool)) for b in range(a + 1, len(pool))]
-        return float(np.mean(values))
+        scores = base + scale * noise
+        return float(_pairwise_agreement(scores[:, left] >= scores[:, right])[upper].mean())
 
     lo, hi = 0.01, 5.0
     for _ in range(steps):
