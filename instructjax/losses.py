@@ -34,12 +34,12 @@ LossFn = Callable[..., tuple[jax.Array, Metrics]]
 def make_apply(model) -> Callable:
     """Binds a Flax module into the `apply` callable every loss receives."""
 
-    def apply(params, tokens_BxT, positions_BxT, segment_ids_BxT, rng=None):
+    def apply(params, tokens_BxT, positions_BxT, segment_ids_BxT, rng=None, **kwargs):
         if rng is None:
             return model.apply({"params": params}, tokens_BxT, positions_BxT, segment_ids_BxT,
-                               deterministic=True)
+                               deterministic=True, **kwargs)
         return model.apply({"params": params}, tokens_BxT, positions_BxT, segment_ids_BxT,
-                           deterministic=False, rngs={"dropout": rng})
+                           deterministic=False, rngs={"dropout": rng}, **kwargs)
 
     return apply
 

@@ -51,12 +51,15 @@ class PolicyValueApply:
 class PPOLossConfig:
     """clip_eps: policy ratio clip. value_clip: clip of the value change (None = unclipped).
     vf_coef: value-loss weight. temperature: the sampling temperature (log-probs come from
-    logits / temperature). entropy_coef: entropy bonus (InstructGPT: 0)."""
+    logits / temperature). entropy_coef: entropy bonus (InstructGPT: 0). response_len: the
+    rows' last response_len tokens hold every response token, so the LM head runs only
+    there (rl_ops.response_logits); 0 = at every position."""
     clip_eps: float = 0.2
     value_clip: float | None = 0.2
     vf_coef: float = 0.1
     temperature: float = 1.0
     entropy_coef: float = 0.0
+    response_len: int = 0
 
     def __post_init__(self):
         if not 0 < self.clip_eps < 1:
@@ -67,6 +70,8 @@ class PPOLossConfig:
             raise ValueError("vf_coef and entropy_coef must be >= 0")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.response_len < 0:
+            raise ValueError(f"response_len must be >= 0, got {self.response_len}")
 
 
 def ppo_loss(params, batch: Mapping[str, jax.Array], rng, *, apply: PolicyValueApply,
@@ -96,11 +101,12 @@ def ppo_loss(params, batch: Mapping[str, jax.Array], rng, *, apply: PolicyValueA
     segment_ids_BxT = batch["segment_ids_BxT"]
     mask_BxT = batch["response_mask_BxT"].astype(jnp.float32)
     on_BxT = mask_BxT > 0
-    logits_BxTxV = apply.policy(params["policy"], tokens_BxT, positions_BxT, segment_ids_BxT, None)
+    logits, first = rl_ops.response_logits(apply.policy, params["policy"], tokens_BxT,
+                                           positions_BxT, segment_ids_BxT, cfg.response_len)
     values_BxT = rl_ops.align_to_targets(
         apply.value(params["value"], tokens_BxT, positions_BxT, segment_ids_BxT, None)
         .astype(jnp.float32))
-    logp_BxT = rl_ops.response_logprobs(logits_BxTxV, tokens_BxT, cfg.temperature)
+    logp_BxT = rl_ops.response_logprobs(logits, tokens_BxT, cfg.temperature, first_target=first)
     old_logp_BxT = batch["old_logprobs_BxT"].astype(jnp.float32)
     old_values_BxT = batch["old_values_BxT"].astype(jnp.float32)
     adv_BxT = batch["advantages_BxT"].astype(jnp.float32)
@@ -120,7 +126,8 @@ def ppo_loss(params, batch: Mapping[str, jax.Array], rng, *, apply: PolicyValueA
         vf_BxT = 0.5 * jnp.maximum(vf_unclipped_BxT, vf_clipped_BxT)
         vf_clipped_on_BxT = (vf_clipped_BxT > vf_unclipped_BxT).astype(jnp.float32)
 
-    entropy_BxT = rl_ops.entropy_from_logits(logits_BxTxV, cfg.temperature)
+    entropy_BxT = rl_ops.entropy_from_logits(logits, cfg.temperature, first_target=first,
+                                             seq_len=tokens_BxT.shape[1])
     if cfg.entropy_coef == 0:  # a metric only: keep it out of the backward pass
         entropy_BxT = jax.lax.stop_gradient(entropy_BxT)
     per_token_BxT = pg_BxT + cfg.vf_coef * vf_BxT - cfg.entropy_coef * entropy_BxT
@@ -149,11 +156,12 @@ class GRPOLossConfig:
     """clip_eps: policy ratio clip. kl_coef: beta of the KL to the reference, in the loss
     (k3 estimator). aggregate: 'token' averages over every response token of the batch
     (DAPO), 'sequence' over each response's tokens, then over responses (the GRPO paper).
-    temperature: the sampling temperature."""
+    temperature: the sampling temperature. response_len: as in PPOLossConfig."""
     clip_eps: float = 0.2
     kl_coef: float = 0.04
     aggregate: str = "token"
     temperature: float = 1.0
+    response_len: int = 0
 
     def __post_init__(self):
         if not 0 < self.clip_eps < 1:
@@ -164,6 +172,8 @@ class GRPOLossConfig:
             raise ValueError(f"aggregate must be 'token' or 'sequence', got {self.aggregate!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.response_len < 0:
+            raise ValueError(f"response_len must be >= 0, got {self.response_len}")
 
 
 def grpo_loss(params, batch: Mapping[str, jax.Array], rng, *, apply: PolicyValueApply,
@@ -183,9 +193,10 @@ def grpo_loss(params, batch: Mapping[str, jax.Array], rng, *, apply: PolicyValue
     tokens_BxT = batch["tokens_BxT"]
     mask_BxT = batch["response_mask_BxT"].astype(jnp.float32)
     on_BxT = mask_BxT > 0
-    logits_BxTxV = apply.policy(params["policy"], tokens_BxT, batch["positions_BxT"],
-                                batch["segment_ids_BxT"], None)
-    logp_BxT = rl_ops.response_logprobs(logits_BxTxV, tokens_BxT, cfg.temperature)
+    logits, first = rl_ops.response_logits(apply.policy, params["policy"], tokens_BxT,
+                                           batch["positions_BxT"], batch["segment_ids_BxT"],
+                                           cfg.response_len)
+    logp_BxT = rl_ops.response_logprobs(logits, tokens_BxT, cfg.temperature, first_target=first)
     old_logp_BxT = batch["old_logprobs_BxT"].astype(jnp.float32)
     ref_BxT = jnp.where(on_BxT, batch["ref_logprobs_BxT"].astype(jnp.float32), logp_BxT)
     pg_BxT, clipped_BxT, ratio_BxT = clipped_surrogate(

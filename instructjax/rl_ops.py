@@ -173,29 +173,63 @@ def _tempered(logits_BxTxV, temperature):
     return logits / temperature
 
 
-def response_logprobs(logits_BxTxV: jax.Array, tokens_BxT: jax.Array, temperature=1.0
-                      ) -> jax.Array:
+def response_logits(apply_policy, params, tokens_BxT, positions_BxT, segment_ids_BxT,
+                    response_len: int = 0) -> tuple[jax.Array, int]:
+    """(logits_BxWxV, first_target) for response_logprobs / entropy_from_logits. With
+    response_len = N > 0 the LM head runs only at the N positions that predict the last N
+    tokens (T - N - 1 .. T - 2), not at the prompt's: the head and its log-softmax are a
+    large share of a small model's step and most of a large vocabulary's memory. With 0,
+    at every position (first_target 1)."""
+    B, T = tokens_BxT.shape
+    if not response_len:
+        return apply_policy(params, tokens_BxT, positions_BxT, segment_ids_BxT, None), 1
+    first = T - response_len
+    head_at_BxN = jnp.broadcast_to(jnp.arange(first - 1, T - 1, dtype=jnp.int32), (B, response_len))
+    return apply_policy(params, tokens_BxT, positions_BxT, segment_ids_BxT, None,
+                        head_at_BxU=head_at_BxN), first
+
+
+def _scored_window(logits_BxWxV, T: int, first_target: int):
+    """The logits that predict tokens[first_target:]: positions first_target - 1 .. T - 2."""
+    if first_target < 1:
+        raise ValueError(f"first_target must be >= 1, got {first_target}")
+    return logits_BxWxV[:, :T - first_target]
+
+
+def _front_pad(x_BxW, T: int) -> jax.Array:
+    return jnp.concatenate([jnp.zeros((x_BxW.shape[0], T - x_BxW.shape[1]), x_BxW.dtype), x_BxW],
+                           axis=1)
+
+
+def response_logprobs(logits_BxWxV: jax.Array, tokens_BxT: jax.Array, temperature=1.0, *,
+                      first_target: int = 1) -> jax.Array:
     """Target-aligned tempered log-probs of the tokens actually in the sequence:
 
-        logprobs_BxT[b, t] = log_softmax(logits[b, t-1] / temperature)[tokens[b, t]],  t >= 1
-        logprobs_BxT[b, 0] = 0
+        logprobs_BxT[b, t] = log_softmax(logits at position t-1 / temperature)[tokens[b, t]]
+                             for t >= first_target, else 0
 
-    float32, over the full tempered distribution (no top-p truncation), matching the sampler's
-    per-token log-probs. temperature == 0 means temperature 1 (greedy sampling)."""
-    scaled_BxTxV = _tempered(logits_BxTxV, temperature)[:, :-1]
-    targets_BxT = tokens_BxT[:, 1:]
-    lse_BxT = jax.nn.logsumexp(scaled_BxTxV, axis=-1)
-    picked_BxT = jnp.take_along_axis(scaled_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-    scored = picked_BxT - lse_BxT  # [B, T-1]: token t+1 scored from logits t
-    return jnp.concatenate([jnp.zeros_like(scored[:, :1]), scored], axis=1)
+    logits_BxWxV start at position first_target - 1: the whole sequence's (first_target 1)
+    or the window response_logits returns. float32, over the full tempered distribution (no
+    top-p truncation), matching the sampler's per-token log-probs. temperature == 0 means
+    temperature 1 (greedy sampling)."""
+    T = tokens_BxT.shape[1]
+    scaled_BxWxV = _tempered(_scored_window(logits_BxWxV, T, first_target), temperature)
+    targets_BxW = tokens_BxT[:, first_target:]
+    lse_BxW = jax.nn.logsumexp(scaled_BxWxV, axis=-1)
+    picked_BxW = jnp.take_along_axis(scaled_BxWxV, targets_BxW[..., None], axis=-1)[..., 0]
+    return _front_pad(picked_BxW - lse_BxW, T)
 
 
-def entropy_from_logits(logits_BxTxV: jax.Array, temperature=1.0) -> jax.Array:
-    """Target-aligned entropy of the tempered next-token distribution:
-    H[b, t] = -sum_v p_v log p_v with p = softmax(logits[b, t-1] / temperature); H[b, 0] = 0."""
-    logp_BxTxV = jax.nn.log_softmax(_tempered(logits_BxTxV, temperature), axis=-1)
-    entropy_BxT = -jnp.sum(jnp.exp(logp_BxTxV) * logp_BxTxV, axis=-1)
-    return align_to_targets(entropy_BxT)
+def entropy_from_logits(logits_BxWxV: jax.Array, temperature=1.0, *, first_target: int = 1,
+                        seq_len: int | None = None) -> jax.Array:
+    """Target-aligned entropy of the tempered next-token distribution, [B, seq_len]:
+    H[b, t] = -sum_v p_v log p_v with p = softmax(logits at position t-1 / temperature) for
+    t >= first_target, else 0. Logits as in response_logprobs; seq_len defaults to W (the
+    whole sequence's logits)."""
+    T = logits_BxWxV.shape[1] if seq_len is None else seq_len
+    logp_BxWxV = jax.nn.log_softmax(
+        _tempered(_scored_window(logits_BxWxV, T, first_target), temperature), axis=-1)
+    return _front_pad(-jnp.sum(jnp.exp(logp_BxWxV) * logp_BxWxV, axis=-1), T)
 
 
 # --------------------------------------------------------------------------- KL estimators

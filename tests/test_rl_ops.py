@@ -165,6 +165,24 @@ def test_response_logprobs_and_entropy_vs_explicit_softmax(temperature):
             assert ent[b, t] == pytest.approx(-(p * np.log(p)).sum(), abs=1e-5)
 
 
+@pytest.mark.parametrize("first_target", [1, 2, 4])
+def test_logprobs_and_entropy_of_a_logit_window(first_target):
+    """Logits of positions first_target - 1 .. T - 2 only (the head run on the response's
+    window) give the whole sequence's values from first_target on and zeros before."""
+    rng = np.random.default_rng(5)
+    B, T, V = 2, 6, 7
+    logits = jnp.asarray(rng.normal(0, 3, size=(B, T, V)).astype(np.float32))
+    tokens = rng.integers(0, V, size=(B, T)).astype(np.int32)
+    window = logits[:, first_target - 1:T - 1]
+    for fn, kw in ((rl_ops.response_logprobs, {}), (rl_ops.entropy_from_logits, {"seq_len": T})):
+        args = (tokens,) if fn is rl_ops.response_logprobs else ()
+        whole = np.asarray(fn(logits, *args, 0.7))
+        part = np.asarray(fn(window, *args, 0.7, first_target=first_target, **kw))
+        assert part.shape == (B, T)
+        np.testing.assert_array_equal(part[:, :first_target], 0.0)
+        np.testing.assert_allclose(part[:, first_target:], whole[:, first_target:], rtol=1e-6)
+
+
 def test_response_logprobs_bfloat16_logits_are_float32():
     logits = jax.ShapeDtypeStruct((1, 3, 4), jnp.bfloat16)
     out = jax.eval_shape(rl_ops.response_logprobs, logits, jnp.zeros((1, 3), jnp.int32), 0.7)

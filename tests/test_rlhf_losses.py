@@ -604,3 +604,46 @@ def test_grpo_composes_with_the_pretraining_mix():
     want = float(rl_sum) + 0.5 * float(rm["loss"][1]) / float(pm["loss"][1]) * float(ptx_sum)
     assert float(total) == pytest.approx(want, rel=1e-5)
     assert "kl_ref" in m and "ptx_loss" in m
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_lm_head_on_the_response_window_only_changes_nothing(algorithm):
+    """response_len = N runs the policy's LM head only at the N positions that predict the
+    response (rl_ops.response_logits): the same loss, metrics and gradients as the head at
+    every position, on a real tiny model (entropy bonus on, so its gradient is compared too)."""
+    rng = np.random.default_rng(14)
+    P, N, V = 5, 4, 64
+    batch = _ppo_batch(rng, B=3, P=P, N=N, V=V)
+    batch["ref_logprobs_BxT"] = np.where(batch["response_mask_BxT"] > 0,
+                                         batch["old_logprobs_BxT"], 0.0).astype(np.float32)
+    inputs = [jnp.asarray(batch[k]) for k in ("tokens_BxT", "positions_BxT", "segment_ids_BxT")]
+    policy = Transformer(preset("tiny", vocab_size=V, max_len=P + N))
+    params = {"policy": policy.init(jax.random.key(0), *inputs)["params"]}
+    if algorithm == "ppo":
+        value = Transformer(preset("tiny", vocab_size=V, max_len=P + N), head="scalar")
+        params["value"] = value.init(jax.random.key(1), *inputs)["params"]
+        apply = rl_losses.PolicyValueApply.from_models(policy, value)
+        loss_fn = rl_losses.ppo_loss
+
+        def config(n):
+            return rl_losses.PPOLossConfig(vf_coef=0.5, temperature=0.8, entropy_coef=0.01,
+                                           response_len=n)
+    else:
+        apply = rl_losses.PolicyValueApply(policy=losses.make_apply(policy), value=None)
+        loss_fn = rl_losses.grpo_loss
+
+        def config(n):
+            return rl_losses.GRPOLossConfig(kl_coef=0.1, temperature=0.8, response_len=n)
+
+    def run(n):
+        return jax.jit(jax.value_and_grad(
+            lambda p: loss_fn(p, batch, None, apply=apply, cfg=config(n)), has_aux=True))(params)
+
+    (whole, whole_metrics), whole_grads = run(0)
+    (window, window_metrics), window_grads = run(N)
+    assert float(window) == pytest.approx(float(whole), rel=1e-5)
+    for name, (total, weight) in whole_metrics.items():
+        assert float(window_metrics[name][0]) == pytest.approx(float(total), rel=1e-4, abs=1e-6), name
+        assert float(window_metrics[name][1]) == float(weight), name
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 window_grads, whole_grads)

@@ -45,13 +45,14 @@ class Algorithm:
 
 def _ppo_config(hp) -> PPOLossConfig:
     return PPOLossConfig(clip_eps=hp.clip_eps, value_clip=hp.value_clip, vf_coef=hp.vf_coef,
-                         temperature=hp.temperature, entropy_coef=hp.entropy_coef)
+                         temperature=hp.temperature, entropy_coef=hp.entropy_coef,
+                         response_len=hp.max_new_tokens)
 
 
 def _grpo_config(kl_coef: Callable[[Any], float]):
     def build(hp) -> GRPOLossConfig:
         return GRPOLossConfig(clip_eps=hp.clip_eps, kl_coef=kl_coef(hp),
-                              temperature=hp.temperature)
+                              temperature=hp.temperature, response_len=hp.max_new_tokens)
     return build
 
 

@@ -166,9 +166,10 @@ def score_rollout(params, frozen, prompt_BxP, prompt_mask_BxP, response_BxN, res
     policy_apply, value_apply = make_apply(models.policy), make_apply(models.value)
 
     def logprobs(apply, p):
-        logits_BxTxV = apply(p, tokens_BxT, positions_BxT, segment_ids_BxT, None)
-        return rl_ops.response_logprobs(logits_BxTxV, tokens_BxT, cfg.temperature) \
-            * response_mask_BxT
+        logits, first = rl_ops.response_logits(apply, p, tokens_BxT, positions_BxT,
+                                               segment_ids_BxT, response_BxN.shape[1])
+        return rl_ops.response_logprobs(logits, tokens_BxT, cfg.temperature,
+                                        first_target=first) * response_mask_BxT
 
     logp_BxT = logprobs(policy_apply, params["policy"])
     ref_logp_BxT = logprobs(policy_apply, frozen["reference"])
