@@ -643,7 +643,8 @@ def test_lm_head_on_the_response_window_only_changes_nothing(algorithm):
     (window, window_metrics), window_grads = run(N)
     assert float(window) == pytest.approx(float(whole), rel=1e-5)
     for name, (total, weight) in whole_metrics.items():
-        assert float(window_metrics[name][0]) == pytest.approx(float(total), rel=1e-4, abs=1e-6), name
+        assert float(window_metrics[name][0]) == pytest.approx(float(total), rel=1e-4,
+                                                               abs=1e-6), name
         assert float(window_metrics[name][1]) == float(weight), name
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  window_grads, whole_grads)
