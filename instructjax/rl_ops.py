@@ -183,6 +183,8 @@ def response_logits(apply_policy, params, tokens_BxT, positions_BxT, segment_ids
     B, T = tokens_BxT.shape
     if not response_len:
         return apply_policy(params, tokens_BxT, positions_BxT, segment_ids_BxT, None), 1
+    if response_len >= T:
+        raise ValueError(f"response_len ({response_len}) must be shorter than the rows ({T})")
     first = T - response_len
     head_at_BxN = jnp.broadcast_to(jnp.arange(first - 1, T - 1, dtype=jnp.int32), (B, response_len))
     return apply_policy(params, tokens_BxT, positions_BxT, segment_ids_BxT, None,
