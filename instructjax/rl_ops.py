@@ -175,10 +175,9 @@ def _tempered(logits_BxTxV, temperature):
 
 def response_logits(apply_policy, params, tokens_BxT, positions_BxT, segment_ids_BxT,
                     response_len: int = 0) -> tuple[jax.Array, int]:
-    """(logits_BxWxV, first_target) for response_logprobs / entropy_from_logits. With
+    """(logits_BxWxV, first_target) for response_logprobs / entropy_from_logits: with
     response_len = N > 0 the LM head runs only at the N positions that predict the last N
-    tokens (T - N - 1 .. T - 2), not at the prompt's: the head and its log-softmax are a
-    large share of a small model's step and most of a large vocabulary's memory. With 0,
+    tokens (T - N - 1 .. T - 2), not at the prompt's, whose logits no RL loss reads; with 0,
     at every position (first_target 1)."""
     B, T = tokens_BxT.shape
     if not response_len:
